@@ -1,0 +1,187 @@
+"""The epoch loop: batches by shuffled index, checkpoints, fixed-noise snapshots, metrics, progress.
+
+A run directory holds everything about one run:
+  config.json       the settings it was started with (and resumes with)
+  metrics.jsonl     one row per epoch: each loss term, seconds, images/s
+  checkpoint.pt     networks, optimizers, EMA, RNG states; written atomically every epoch
+  snapshots/        epoch_0001.png, ...: the same z (and labels) every epoch
+  progress.gif      those snapshots animated
+  loss.png          loss curves per epoch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training import pictures
+from training.atomic import atomic_path, write_text_atomic
+from training.data import DigitData, load_dataset, shuffled_batches
+from training.models import MODELS, ModelSpec
+from training.trainers import TrainConfig, Trainer, make_trainer
+
+SNAPSHOT_ROWS = 10  # the snapshot grid is 10 x 10; for conditional models each column is one class
+
+
+class RunError(Exception):
+    """A run that cannot start or resume; the message names the flag or file."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise RunError(f"--device {name}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def fixed_noise(latent_dim: int, num_classes: int, seed: int, device: torch.device):
+    """The snapshot inputs: the same z and labels at every epoch of a run."""
+    generator = torch.Generator().manual_seed(seed + 1_000_003)
+    z = torch.randn(SNAPSHOT_ROWS * SNAPSHOT_ROWS, latent_dim, generator=generator)
+    y = None
+    if num_classes:
+        labels = torch.arange(SNAPSHOT_ROWS * SNAPSHOT_ROWS) % num_classes
+        y = torch.nn.functional.one_hot(labels, num_classes).float().to(device)
+    return z.to(device), y
+
+
+@dataclass
+class RunResult:
+    out: Path
+    trainer: Trainer
+    history: list[dict]
+
+
+def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["epoch"] <= up_to_epoch]
+
+
+def _save_checkpoint(path: Path, trainer: Trainer, epoch: int, step: int, data_rng: torch.Generator) -> None:
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "trainer": trainer.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
+            "data": data_rng.get_state(),
+        },
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, trainer: Trainer, data_rng: torch.Generator) -> tuple[int, int]:
+    try:
+        state = torch.load(path, map_location=trainer.device, weights_only=True)
+        trainer.load_state_dict(state["trainer"])
+    except Exception as err:  # any unreadable or mismatched checkpoint is the same user-facing problem
+        raise RunError(f"{path}: cannot resume from this checkpoint ({err})") from err
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    if trainer.device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    data_rng.set_state(state["rng"]["data"].cpu())
+    return state["epoch"], state["step"]
+
+
+def _config_record(config: TrainConfig, model_config, spec: ModelSpec, device: torch.device) -> dict:
+    return {
+        "train": dataclasses.asdict(config),
+        "model_config": dataclasses.asdict(model_config),
+        "family": spec.name,
+        "objective": spec.objective,
+        "conditional": spec.conditional,
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+
+
+def _format_terms(terms: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
+
+
+def train(config: TrainConfig, model_config, out: Path, resume: bool = False, progress: bool = True,
+          data: DigitData | None = None, log=print) -> RunResult:
+    """Train `config.model` into `out`, continuing from `out/checkpoint.pt` when `resume` is set."""
+    spec = MODELS[config.model]
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not resume:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    data_rng = torch.Generator().manual_seed(config.seed)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
+    if config.batch_size > len(data.train):
+        raise RunError(f"--batch-size {config.batch_size}: larger than the {len(data.train)} training images")
+    data = data.to(device)  # the whole dataset lives on the training device
+
+    trainer = make_trainer(spec, model_config, config, data.num_classes, device)
+    start_epoch, step = 0, 0
+    if resume and checkpoint.exists():
+        start_epoch, step = _load_checkpoint(checkpoint, trainer, data_rng)
+        log(f"resuming {out} after epoch {start_epoch} (step {step})")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.json", json.dumps(_config_record(config, model_config, spec, device), indent=2))
+    history = _read_history(out / "metrics.jsonl", start_epoch)
+    sampler_net = trainer.sampler()
+    z_fixed, y_fixed = fixed_noise(sampler_net.latent_dim, trainer.num_classes, config.seed, device)
+    snapshots = out / "snapshots"
+
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        trainer.train()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        batches = shuffled_batches(len(data.train), config.batch_size, data_rng)
+        bar = tqdm(batches, desc=f"{spec.name} epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=None if progress else True, leave=False, dynamic_ncols=True)
+        started = time.perf_counter()
+        for index, batch in enumerate(bar):
+            batch = batch.to(device, non_blocking=True)
+            terms = trainer.step(data.train.images[batch], data.train.labels[batch], index)
+            step += 1
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value
+                counts[key] = counts.get(key, 0) + 1
+            if progress and index % 10 == 0:
+                rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
+                bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} | {"img/s": f"{rate:.0f}"})
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch, "step": step}
+        row.update({key: float(sums[key]) / counts[key] for key in sums})
+        if hasattr(trainer, "validate"):
+            row.update(trainer.validate(data.val.images, data.val.labels))
+        row.update({"seconds": round(seconds, 3),
+                    "images_per_s": round(len(batches) * config.batch_size / seconds, 1)})
+        history.append(row)
+
+        sampler = trainer.sampler()
+        was_training = sampler.training
+        sampler.eval()
+        with torch.no_grad():
+            images = sampler.generate(z_fixed, y_fixed).float().cpu().numpy()
+        sampler.train(was_training)
+        pictures.save_grid(images, snapshots / f"epoch_{epoch:04d}.png", nrow=SNAPSHOT_ROWS)
+        frames = sorted(snapshots.glob("epoch_*.png"))
+        pictures.save_progress_gif(frames, out / "progress.gif")
+        pictures.save_loss_curves(history, out / "loss.png", f"{spec.name} on {data.name}")
+        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        _save_checkpoint(checkpoint, trainer, epoch, step, data_rng)
+        terms = {k: v for k, v in row.items() if k not in ("epoch", "step", "seconds", "images_per_s")}
+        log(f"{spec.name} epoch {epoch}/{config.epochs}  {_format_terms(terms)}  "
+            f"{seconds:.1f}s  {row['images_per_s']:.0f} img/s")
+    return RunResult(out, trainer, history)

@@ -1,0 +1,71 @@
+"""DCGAN-style networks shared by the GAN, WGAN and CGAN families.
+
+Generator: dense -> reshape to 7x7 -> two stride-2 transposed convolutions with LeakyReLU -> tanh.
+Discriminator: two stride-2 convolutions with LeakyReLU -> one dense logit. For a WGAN the same
+network is the critic: its output is a raw score, with no sigmoid anywhere.
+Conditional when num_classes > 0: the generator reads z next to a float class vector (a one-hot or
+any blend of them); the discriminator reads the class as constant planes beside the image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GANConfig:
+    latent_dim: int = 64
+    g_channels: int = 64   # generator width at 14x14; 2x this at 7x7
+    d_channels: int = 64   # discriminator width at 14x14; 2x this at 7x7
+    d_norm: str = "none"   # "none" or "layer"; never batch norm: it breaks the gradient penalty
+
+
+class Generator(nn.Module):
+    def __init__(self, config: GANConfig, num_classes: int = 0):
+        super().__init__()
+        self.latent_dim, self.num_classes = config.latent_dim, num_classes
+        c = config.g_channels
+        self.project = nn.Sequential(
+            nn.Linear(config.latent_dim + num_classes, 2 * c * 49, bias=False),
+            nn.BatchNorm1d(2 * c * 49), nn.LeakyReLU(0.2),
+            nn.Unflatten(1, (2 * c, 7, 7)),                                     # [N, 2c, 7, 7]
+        )
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1, bias=False),  # [N, c, 14, 14]
+            nn.BatchNorm2d(c), nn.LeakyReLU(0.2),
+            nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1),                   # [N, 1, 28, 28]
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1], the scale the discriminator sees."""
+        h = z if not self.num_classes else torch.cat([z, y], dim=1)
+        return self.upsample(self.project(h))
+
+    def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The exported interface: intensities in [0, 1]."""
+        return (self.forward(z, y) + 1) * 0.5
+
+
+class Discriminator(nn.Module):
+    def __init__(self, config: GANConfig, num_classes: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        c = config.d_channels
+        norm = nn.LayerNorm([2 * c, 7, 7]) if config.d_norm == "layer" else nn.Identity()
+        self.net = nn.Sequential(
+            nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # [N, c, 14, 14]
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),     # [N, 2c, 7, 7]
+            nn.Flatten(),
+            nn.Linear(2 * c * 49, 1),
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One logit (GAN) or score (WGAN critic) per image: [N]."""
+        if self.num_classes:
+            planes = y[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # [N, classes, 28, 28]
+            x = torch.cat([x, planes], dim=1)
+        return self.net(x).squeeze(1)

@@ -1,0 +1,56 @@
+"""Pictures of a run: snapshot grids, the animated progress GIF and the loss curves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.imaging import tile
+from training.atomic import write_bytes_atomic
+
+GRID_PADDING = 2
+GRID_SCALE = 2
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
+    """[N, 1, 28, 28] intensities in [0, 1] -> one PNG grid."""
+    buffer = io.BytesIO()
+    Image.fromarray(tile(images, nrow, GRID_PADDING, GRID_SCALE)).save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_progress_gif(frames: list[Path], path: Path, frame_ms: int = 250, hold_last_ms: int = 1500) -> None:
+    """An animated GIF of the per-epoch snapshots, looping, pausing on the last epoch."""
+    images = [Image.open(frame).convert("L") for frame in frames]
+    if not images:
+        return
+    durations = [frame_ms] * (len(images) - 1) + [hold_last_ms]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_loss_curves(history: list[dict], path: Path, title: str) -> None:
+    """One panel per loss term against epoch, from the rows of metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skip = {"epoch", "step", "seconds", "images_per_s"}
+    terms = [k for k in history[0] if k not in skip and isinstance(history[0][k], (int, float))]
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 3), squeeze=False)
+    for ax, term in zip(axes[0], terms):
+        ax.plot(epochs, [row.get(term) for row in history], marker="o", markersize=3)
+        ax.set_title(term)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())

@@ -1,0 +1,228 @@
+"""One training step per family, written out plainly: zero_grad, loss, backward, step.
+
+A trainer owns its networks, optimizers and (for generators) an exponential moving average of the
+weights, and can save and restore all of it. The epoch loop in `loop.py` drives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import losses
+from training.models import ModelSpec
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; each model's registry entry supplies its own defaults for these."""
+    model: str
+    dataset: str = "mnist-5k"
+    data_dir: str | None = None
+    limit: int | None = None        # use only the first N training images
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    optimizer: str = "adam"         # "adam" or "rmsprop"
+    loss: str = "ns"                # GAN generator loss: "ns" (non-saturating) or "minimax"
+    n_critic: int = 1               # discriminator/critic steps per generator step
+    clip: float = 0.0               # WGAN weight clipping bound (0: off)
+    gp_weight: float = 0.0          # WGAN gradient-penalty weight (0: off)
+    ema_decay: float = 0.0          # EMA of generator weights for snapshots and export (0: off)
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                # bf16 autocast on CUDA; the CPU always trains in float32
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr)
+    return torch.optim.Adam(params, lr=config.lr, betas=config.betas)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Hold a network fixed: its parameters get no gradient while the other network trains."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+class EMA:
+    """Exponential moving average of a network's weights; buffers (BatchNorm statistics) are copied.
+
+    The decay warms up as (1 + t) / (10 + t) so that early snapshots are not dominated by the
+    random initial weights.
+    """
+
+    def __init__(self, net: nn.Module, decay: float):
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.net.parameters()), list(net.parameters()), 1.0 - decay)
+        for mine, theirs in zip(self.net.buffers(), net.buffers()):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.updates = state["updates"]
+
+
+class Trainer:
+    """Networks by role, their optimizers, and the step; subclasses define the step."""
+
+    def __init__(self, spec: ModelSpec, model_config, config: TrainConfig, num_classes: int,
+                 device: torch.device):
+        self.spec, self.config, self.device = spec, config, device
+        self.num_classes = num_classes if spec.conditional else 0
+        self.nets = {role: net.to(device) for role, net in spec.build(model_config, num_classes).items()}
+        self.optimizers = {role: make_optimizer(net.parameters(), config) for role, net in self.nets.items()}
+        self.ema: EMA | None = None
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                                       enabled=config.amp and device.type == "cuda")
+
+    def one_hot(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return F.one_hot(labels, self.num_classes).float() if self.num_classes else None
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        """Train on one batch of real images ([N, 1, 28, 28] in [0, 1]); return detached loss terms."""
+        raise NotImplementedError
+
+    def sampler(self) -> nn.Module:
+        """The network whose `generate(z, y)` draws images: the EMA copy when there is one."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {
+            "nets": {role: net.state_dict() for role, net in self.nets.items()},
+            "optimizers": {role: opt.state_dict() for role, opt in self.optimizers.items()},
+            "ema": self.ema.state_dict() if self.ema else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for role, net in self.nets.items():
+            net.load_state_dict(state["nets"][role])
+        for role, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][role])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
+
+    def train(self, mode: bool = True) -> None:
+        for net in self.nets.values():
+            net.train(mode)
+
+
+class VAETrainer(Trainer):
+    def step(self, x, labels, index):
+        model, opt = self.nets["model"], self.optimizers["model"]
+        with self.autocast:
+            logits, mu, logvar = model(x, self.one_hot(labels))
+        recon, kl = losses.vae_terms(logits.float(), x, mu.float(), logvar.float())
+        loss = recon + kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def validate(self, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+        """Negative ELBO and its terms on held-out images, per image, in nats."""
+        model = self.nets["model"].eval()
+        totals = torch.zeros(2, device=x.device)
+        for xb, lb in zip(x.split(batch_size), labels.split(batch_size)):
+            logits, mu, logvar = model(xb, self.one_hot(lb))
+            totals += torch.stack(losses.vae_terms(logits.float(), xb, mu.float(), logvar.float())) * len(xb)
+        model.train()
+        recon, kl = (totals / len(x)).tolist()
+        return {"val_loss": recon + kl, "val_recon": recon, "val_kl": kl}
+
+    def sampler(self):
+        return self.nets["model"]
+
+
+class AdversarialTrainer(Trainer):
+    """GAN, CGAN and WGAN: a discriminator (critic) step with the generator held fixed, then every
+    `n_critic` batches a generator step with the discriminator frozen."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.ema_decay > 0:
+            self.ema = EMA(self.nets["generator"], self.config.ema_decay)
+        self.wasserstein = self.spec.objective.startswith("wgan")
+        self.g_loss_fn = (losses.g_loss_wasserstein if self.wasserstein
+                          else losses.g_loss_minimax if self.config.loss == "minimax"
+                          else losses.g_loss_nonsaturating)
+
+    def step(self, x, labels, index):
+        G, D = self.nets["generator"], self.nets["discriminator"]
+        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        real = x * 2 - 1                                  # the generator's tanh scale
+        y = self.one_hot(labels)                          # fakes take the batch's own labels
+        train_g = (index + 1) % self.config.n_critic == 0
+        z = torch.randn(x.shape[0], G.latent_dim, device=x.device)
+        terms = {}
+
+        # Discriminator step: the fake is detached, so the generator gets no gradient from it.
+        with self.autocast, torch.set_grad_enabled(train_g):
+            fake = G(z, y)                                # kept with its graph when G trains next
+        with self.autocast:
+            both = D(torch.cat([real, fake.detach()]), None if y is None else torch.cat([y, y]))
+        real_out, fake_out = both.float().chunk(2)
+        if self.wasserstein:
+            d_loss = losses.critic_loss(real_out, fake_out)
+            terms["wasserstein"] = -d_loss.detach()
+            if self.config.gp_weight:
+                gp = losses.gradient_penalty(D, real, fake.detach().float(), y)
+                terms["gp"] = gp.detach()
+                d_loss = d_loss + self.config.gp_weight * gp
+        else:
+            d_loss = losses.d_loss_gan(real_out, fake_out)
+            terms["d_real"] = torch.sigmoid(real_out).mean().detach()
+            terms["d_fake"] = torch.sigmoid(fake_out).mean().detach()
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        if self.config.clip:
+            with torch.no_grad():
+                for p in D.parameters():
+                    p.clamp_(-self.config.clip, self.config.clip)
+        terms["d_loss"] = d_loss.detach()
+
+        # Generator step: the discriminator is frozen, so only the generator moves.
+        if train_g:
+            with frozen(D), self.autocast:
+                g_loss = self.g_loss_fn(D(fake, y).float())
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            if self.ema:
+                self.ema.update(G)
+            terms["g_loss"] = g_loss.detach()
+        return terms
+
+    def sampler(self):
+        return self.ema.net if self.ema else self.nets["generator"]
+
+
+def make_trainer(spec: ModelSpec, model_config, config: TrainConfig, num_classes: int,
+                 device: torch.device) -> Trainer:
+    cls = VAETrainer if spec.kind == "vae" else AdversarialTrainer
+    return cls(spec, model_config, config, num_classes, device)
