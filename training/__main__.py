@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed; a CPU run is reproducible bit for bit")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="auto picks CUDA when present")
-    train.add_argument("--no-amp", action="store_true", help="train CUDA runs in float32, not bf16 autocast")
+    train.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     train.add_argument("--out", type=Path, help="run directory (default runs/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar; the per-epoch summary only")
@@ -76,7 +76,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     chosen = {
         "dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss, "n_critic": args.n_critic,
-        "ema_decay": args.ema_decay, "seed": args.seed, "device": args.device, "amp": not args.no_amp,
+        "ema_decay": args.ema_decay, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
     }
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")

@@ -37,7 +37,15 @@ class TrainConfig:
     ema_decay: float = 0.0          # EMA of generator weights for snapshots and export (0: off)
     seed: int = 0
     device: str = "auto"
-    amp: bool = True                # bf16 autocast on CUDA; the CPU always trains in float32
+    amp: bool = True                # bf16 autocast where the hardware runs bf16 natively
+
+
+def native_bf16(device: torch.device) -> bool:
+    """CUDA, or a CPU whose oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than float32."""
+    if device.type == "cuda":
+        return True
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -93,11 +101,13 @@ class Trainer:
                  device: torch.device):
         self.spec, self.config, self.device = spec, config, device
         self.num_classes = num_classes if spec.conditional else 0
-        self.nets = {role: net.to(device) for role, net in spec.build(model_config, num_classes).items()}
+        # channels_last: oneDNN and cuDNN run these convolutions faster in NHWC (measured: make bench)
+        self.nets = {role: net.to(device, memory_format=torch.channels_last)
+                     for role, net in spec.build(model_config, num_classes).items()}
         self.optimizers = {role: make_optimizer(net.parameters(), config) for role, net in self.nets.items()}
         self.ema: EMA | None = None
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=config.amp and device.type == "cuda")
+                                       enabled=config.amp and native_bf16(device))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor | None:
         return F.one_hot(labels, self.num_classes).float() if self.num_classes else None

@@ -20,7 +20,7 @@ class GANConfig:
     latent_dim: int = 64
     g_channels: int = 64   # generator width at 14x14; 2x this at 7x7
     d_channels: int = 64   # discriminator width at 14x14; 2x this at 7x7
-    d_norm: str = "none"   # "none" or "layer"; never batch norm: it breaks the gradient penalty
+    d_norm: str = "layer"  # "layer" or "none"; never batch norm: it breaks the gradient penalty
 
 
 class Generator(nn.Module):
