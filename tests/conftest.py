@@ -1,0 +1,60 @@
+"""Shared fixtures: a small slice of the real digits and tiny networks, so every test runs in seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import DigitData, Split, load_dataset
+from training.models import MODELS, model_config
+from training.trainers import TrainConfig
+
+TINY = {
+    "vae": {"channels": "8,16", "hidden": "32", "latent_dim": "4"},
+    "cvae": {"channels": "8,16", "hidden": "32", "latent_dim": "4"},
+    "vae-dense": {"hidden": "64,32", "latent_dim": "4"},
+    "gan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
+    "cgan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
+    "wgan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
+    "wgan-clip": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
+}
+
+
+@pytest.fixture(scope="session")
+def digits() -> DigitData:
+    """The real mnist-5k digits (4,500 train / 500 validation)."""
+    return load_dataset("mnist-5k")
+
+
+@pytest.fixture(scope="session")
+def few_digits(digits) -> DigitData:
+    """256 training and 100 validation digits."""
+    return DigitData(digits.name, Split(digits.train.images[:256], digits.train.labels[:256]),
+                     Split(digits.val.images[:100], digits.val.labels[:100]), digits.class_names)
+
+
+def tiny_setup(model: str, **train_overrides):
+    """(TrainConfig, model config) for a tiny, quick version of `model` on the CPU."""
+    spec = MODELS[model]
+    config = TrainConfig(model=model, **spec.train_defaults)
+    config = dataclasses.replace(config, **{"batch_size": 32, "device": "cpu", **train_overrides})
+    return config, model_config(spec, TINY[model])
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    """Exact equality of two (nested) state dicts."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a == b
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,204 @@
+import json
+
+import pytest
+import torch
+
+from training.loop import RunError, train
+from training.models import MODELS
+from training.trainers import EMA, AdversarialTrainer, make_trainer
+
+from conftest import state_equal, tiny_setup
+
+quiet = dict(progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_family_trains_with_finite_losses(name, few_digits, run_dir):
+    config, mconfig = tiny_setup(name, epochs=1)
+    result = train(config, mconfig, run_dir, data=few_digits, **quiet)
+    row = result.history[0]
+    terms = {k: v for k, v in row.items() if k not in ("epoch", "step")}
+    assert "g_loss" in terms or "recon" in terms
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values()), terms
+
+
+def test_vae_overfits_a_tiny_set(few_digits, run_dir):
+    config, mconfig = tiny_setup("vae", epochs=15, batch_size=64, lr=3e-3)
+    history = train(config, mconfig, run_dir, data=few_digits, **quiet).history
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert history[-1]["recon"] < history[0]["recon"]
+
+
+def adversarial(name="gan", **overrides) -> AdversarialTrainer:
+    config, mconfig = tiny_setup(name, ema_decay=0.0, **overrides)
+    return make_trainer(MODELS[name], mconfig, config, 10, torch.device("cpu"))
+
+
+def params(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("name", ["gan", "cgan", "wgan", "wgan-clip"])
+def test_discriminator_step_holds_generator_fixed_and_generator_step_freezes_discriminator(name, few_digits):
+    trainer = adversarial(name, n_critic=2)
+    G, D = trainer.nets["generator"], trainer.nets["discriminator"]
+    x, labels = few_digits.train.images[:32], few_digits.train.labels[:32]
+
+    g_before, d_before = params(G), params(D)
+    terms = trainer.step(x, labels, index=0)  # (0 + 1) % 2 != 0: a discriminator step only
+    assert "g_loss" not in terms
+    assert all(torch.equal(a, b) for a, b in zip(g_before, params(G)))
+    assert all(p.grad is None for p in G.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(d_before, params(D)))
+
+    # On the next index both steps run. When the generator step begins (its zero_grad), record D
+    # and clear D's gradients; afterwards D must be unchanged and must have received no gradient.
+    d_after_d_step = {}
+    original = trainer.optimizers["generator"].zero_grad
+
+    def spy(*args, **kwargs):
+        original(*args, **kwargs)
+        d_after_d_step["params"] = params(D)
+        for p in D.parameters():
+            p.grad = None
+    trainer.optimizers["generator"].zero_grad = spy
+    g_before = params(G)
+    terms = trainer.step(x, labels, index=1)
+    assert "g_loss" in terms
+    assert all(torch.equal(a, b) for a, b in zip(d_after_d_step["params"], params(D)))
+    assert all(p.grad is None for p in D.parameters())
+    assert all(p.requires_grad for p in D.parameters())  # unfrozen again afterwards
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(G)))
+
+
+def test_weight_clipping_bounds_the_critic(few_digits):
+    trainer = adversarial("wgan-clip")
+    trainer.step(few_digits.train.images[:32], few_digits.train.labels[:32], 0)
+    assert max(p.abs().max().item() for p in trainer.nets["discriminator"].parameters()) <= 0.01
+
+
+def test_ema_follows_the_generator_with_warmup():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA(net, decay=0.999)
+    start = ema.net.weight.clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)  # first update: decay warms up to (1 + 1) / (10 + 1)
+    expected = start + (1 - 2 / 11) * (net.weight - start)
+    assert torch.allclose(ema.net.weight, expected)
+    assert not ema.net.weight.requires_grad
+
+
+def test_run_directory_holds_config_metrics_snapshots_gif_and_curves(few_digits, run_dir):
+    from PIL import Image
+    config, mconfig = tiny_setup("cgan", epochs=3)
+    train(config, mconfig, run_dir, data=few_digits, **quiet)
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["train"]["model"] == "cgan" and record["model_config"]["g_channels"] == 8
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert {"d_loss", "g_loss", "seconds", "images_per_s"} <= rows[0].keys()
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == [
+        "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+    gif = Image.open(run_dir / "progress.gif")
+    assert gif.n_frames == 3 and gif.size == Image.open(run_dir / "snapshots" / "epoch_0001.png").size
+    assert Image.open(run_dir / "loss.png").format == "PNG"
+    assert (run_dir / "checkpoint.pt").exists()
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_snapshots_use_the_same_noise_and_labels_every_epoch(few_digits, run_dir, monkeypatch):
+    from training.models.gan import Generator
+    seen = []
+    real_generate = Generator.generate
+
+    def recording_generate(self, z, y=None):
+        seen.append((z.clone(), y.clone()))
+        return real_generate(self, z, y)
+
+    monkeypatch.setattr(Generator, "generate", recording_generate)
+    config, mconfig = tiny_setup("cgan", epochs=3)
+    train(config, mconfig, run_dir, data=few_digits, **quiet)
+    assert len(seen) == 3
+    assert all(torch.equal(z, seen[0][0]) and torch.equal(y, seen[0][1]) for z, y in seen)
+    assert seen[0][1].argmax(1)[:10].tolist() == list(range(10))  # one class per grid column
+
+
+def test_vae_reports_validation_elbo(few_digits, run_dir):
+    config, mconfig = tiny_setup("cvae", epochs=1)
+    row = train(config, mconfig, run_dir, data=few_digits, **quiet).history[0]
+    assert row["val_loss"] == pytest.approx(row["val_recon"] + row["val_kl"])
+
+
+@pytest.mark.parametrize("name", ["cgan", "vae"])
+def test_seeded_cpu_run_is_reproducible_bit_for_bit(name, few_digits, tmp_path):
+    config, mconfig = tiny_setup(name, epochs=1)
+    a = train(config, mconfig, tmp_path / "a", data=few_digits, **quiet).trainer.state_dict()
+    b = train(config, mconfig, tmp_path / "b", data=few_digits, **quiet).trainer.state_dict()
+    config.seed = 1
+    c = train(config, mconfig, tmp_path / "c", data=few_digits, **quiet).trainer.state_dict()
+    assert state_equal(a, b)
+    assert not state_equal(a, c)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["cgan", "wgan", "cvae"])
+def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(name, few_digits, tmp_path,
+                                                                    monkeypatch):
+    config, mconfig = tiny_setup(name, epochs=3)
+    straight = train(config, mconfig, tmp_path / "straight", data=few_digits, **quiet)
+
+    calls = {"n": 0}
+    real_step = type(straight.trainer).step
+
+    def crashing_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 12:  # batch 4 of epoch 2 (8 batches per epoch)
+            raise Crash()
+        return real_step(self, *args)
+
+    monkeypatch.setattr(type(straight.trainer), "step", crashing_step)
+    with pytest.raises(Crash):
+        train(config, mconfig, tmp_path / "crashed", data=few_digits, **quiet)
+    monkeypatch.setattr(type(straight.trainer), "step", real_step)
+    assert json.loads((tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
+
+    resumed = train(config, mconfig, tmp_path / "crashed", resume=True, data=few_digits, **quiet)
+    assert state_equal(straight.trainer.state_dict(), resumed.trainer.state_dict())
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert [r.get("g_loss", r.get("loss")) for r in resumed.history] == \
+           [r.get("g_loss", r.get("loss")) for r in straight.history]
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(few_digits, run_dir):
+    config, mconfig = tiny_setup("vae", epochs=1)
+    train(config, mconfig, run_dir, data=few_digits, **quiet)
+    with pytest.raises(RunError, match="already holds a run: pass --resume"):
+        train(config, mconfig, run_dir, data=few_digits, **quiet)
+
+
+def test_batch_larger_than_the_data_is_named(few_digits, run_dir):
+    config, mconfig = tiny_setup("vae", epochs=1, batch_size=1000)
+    with pytest.raises(RunError, match="--batch-size 1000"):
+        train(config, mconfig, run_dir, data=few_digits, **quiet)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_requested_without_a_gpu_is_named(few_digits, run_dir):
+    config, mconfig = tiny_setup("vae", epochs=1, device="cuda")
+    with pytest.raises(RunError, match="--device cuda: no CUDA device"):
+        train(config, mconfig, run_dir, data=few_digits, **quiet)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["cgan", "wgan", "cvae"])
+def test_training_on_cuda_with_mixed_precision(name, few_digits, run_dir):
+    config, mconfig = tiny_setup(name, epochs=2, device="cuda")
+    result = train(config, mconfig, run_dir, data=few_digits, **quiet)
+    assert result.trainer.autocast._enabled
+    assert next(result.trainer.sampler().parameters()).device.type == "cuda"
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())
