@@ -30,7 +30,7 @@ def test_vae_overfits_a_tiny_set(few_digits, run_dir):
 
 
 def adversarial(name="gan", **overrides) -> AdversarialTrainer:
-    config, mconfig = tiny_setup(name, ema_decay=0.0, **overrides)
+    config, mconfig = tiny_setup(name, **{"ema_decay": 0.0, **overrides})
     return make_trainer(MODELS[name], mconfig, config, 10, torch.device("cpu"))
 
 
@@ -87,6 +87,13 @@ def test_ema_follows_the_generator_with_warmup():
     expected = start + (1 - 2 / 11) * (net.weight - start)
     assert torch.allclose(ema.net.weight, expected)
     assert not ema.net.weight.requires_grad
+
+
+def test_snapshots_come_from_the_ema_generator_when_it_is_on():
+    trainer = adversarial("gan", ema_decay=0.999)
+    assert trainer.sampler() is trainer.ema.net
+    plain = adversarial("gan")
+    assert plain.ema is None and plain.sampler() is plain.nets["generator"]
 
 
 def test_run_directory_holds_config_metrics_snapshots_gif_and_curves(few_digits, run_dir):
@@ -148,7 +155,8 @@ class Crash(Exception):
 @pytest.mark.parametrize("name", ["cgan", "wgan", "cvae"])
 def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(name, few_digits, tmp_path,
                                                                     monkeypatch):
-    config, mconfig = tiny_setup(name, epochs=3)
+    ema = {"ema_decay": 0.99} if MODELS[name].kind == "gan" else {}  # the EMA must resume exactly too
+    config, mconfig = tiny_setup(name, epochs=3, **ema)
     straight = train(config, mconfig, tmp_path / "straight", data=few_digits, **quiet)
 
     calls = {"n": 0}

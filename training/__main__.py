@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=("ns", "minimax"), help="GAN generator loss: non-saturating (ns, "
                                                                  "default) or the saturating minimax form")
     train.add_argument("--n-critic", type=positive_int, help="discriminator steps per generator step (WGANs 5, others 1)")
-    train.add_argument("--ema-decay", type=float, help="EMA decay of the generator weights used for snapshots and export "
-                            "(GANs 0.999; 0 turns it off)")
+    train.add_argument("--ema-decay", type=float, help="keep an EMA of the generator weights with this decay (e.g. 0.999) and "
+                            "use it for snapshots and export (default 0: off)")
     train.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="override a model setting, e.g. --set g_channels=32 or --set hidden=256,128")
     train.add_argument("--seed", type=int, default=0, help="seed; a CPU run is reproducible bit for bit (default 0)")

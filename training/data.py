@@ -270,7 +270,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     return data
 
 
-def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Index batches for one epoch: a fresh permutation, full batches only (BatchNorm needs > 1)."""
-    order = torch.randperm(n, generator=generator)
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
+                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Index batches for one epoch: a fresh permutation drawn on the CPU (so the order is the same on
+    every device), moved to `device` in one copy; full batches only (BatchNorm needs more than one)."""
+    order = torch.randperm(n, generator=generator).to(device)
     return list(order[: n - n % batch_size].split(batch_size))

@@ -144,12 +144,11 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         trainer.train()
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        batches = shuffled_batches(len(data.train), config.batch_size, data_rng)
+        batches = shuffled_batches(len(data.train), config.batch_size, data_rng, device)
         bar = tqdm(batches, desc=f"{spec.name} epoch {epoch}/{config.epochs}", unit="batch",
                    disable=None if progress else True, leave=False, dynamic_ncols=True)
         started = time.perf_counter()
         for index, batch in enumerate(bar):
-            batch = batch.to(device, non_blocking=True)
             terms = trainer.step(data.train.images[batch], data.train.labels[batch], index)
             step += 1
             for key, value in terms.items():

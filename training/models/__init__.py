@@ -33,7 +33,9 @@ class ModelSpec:
 
 
 _VAE = dict(batch_size=128, lr=1e-3, betas=(0.9, 0.999), ema_decay=0.0)
-_GAN = dict(batch_size=64, lr=2e-4, betas=(0.5, 0.999), ema_decay=0.999)
+# EMA of generator weights is opt-in (--ema-decay): it did not improve samples in measurement
+# (tests/benchmarks/ema_quality.py, figures in the README).
+_GAN = dict(batch_size=64, lr=2e-4, betas=(0.5, 0.999))
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [
     ModelSpec("vae", "convolutional VAE (strided conv encoder, transposed-conv decoder)",
