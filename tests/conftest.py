@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 from training.data import DigitData, Split, load_dataset
 from training.models import MODELS, model_config
-from training.trainers import TrainConfig
+from training.trainers import train_config
 
 TINY = {
     "vae": {"channels": "8,16", "hidden": "32", "latent_dim": "4"},
@@ -38,10 +37,8 @@ def few_digits(digits) -> DigitData:
 
 def tiny_setup(model: str, **train_overrides):
     """(TrainConfig, model config) for a tiny, quick version of `model` on the CPU."""
-    spec = MODELS[model]
-    config = TrainConfig(model=model, **spec.train_defaults)
-    config = dataclasses.replace(config, **{"batch_size": 32, "device": "cpu", **train_overrides})
-    return config, model_config(spec, TINY[model])
+    config = train_config(model, **{"batch_size": 32, "device": "cpu", **train_overrides})
+    return config, model_config(MODELS[model], TINY[model])
 
 
 def state_equal(a: dict, b: dict) -> bool:

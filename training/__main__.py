@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 from training.data import DATASETS, DataError
 from training.models import MODELS, ConfigError, model_config
-from training.trainers import TrainConfig
+from training.trainers import TrainConfig, train_config
 
 
 def positive_int(text: str) -> int:
@@ -73,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     spec = MODELS[args.model]
-    config = TrainConfig(model=args.model, **spec.train_defaults)
     chosen = {
         "dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss, "n_critic": args.n_critic,
@@ -83,22 +83,20 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
     if args.loss and spec.objective != "gan":
         raise ConfigError(f"--loss {args.loss}: only gan and cgan take a generator loss choice")
-    return dataclasses.replace(config, **{k: v for k, v in chosen.items() if v is not None})
+    return train_config(args.model, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def cmd_list() -> None:
     width = max(map(len, MODELS))
     print("models:")
     for spec in MODELS.values():
-        d = TrainConfig(model=spec.name, **spec.train_defaults)
+        d = train_config(spec.name)
         print(f"  {spec.name:<{width}}  {spec.description}\n  {'':<{width}}  "
               f"batch {d.batch_size}, lr {d.lr:g} ({d.optimizer}), critic steps {d.n_critic}, EMA {d.ema_decay:g}")
     print("datasets:\n  " + "\n  ".join(DATASETS))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import json
-
     from training.loop import train
 
     out = args.out or Path("runs") / args.model

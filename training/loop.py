@@ -136,8 +136,7 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", json.dumps(_config_record(config, model_config, spec, device), indent=2))
     history = _read_history(out / "metrics.jsonl", start_epoch)
-    sampler_net = trainer.sampler()
-    z_fixed, y_fixed = fixed_noise(sampler_net.latent_dim, trainer.num_classes, config.seed, device)
+    z_fixed, y_fixed = fixed_noise(trainer.sampler().latent_dim, trainer.num_classes, config.seed, device)
     snapshots = out / "snapshots"
 
     for epoch in range(start_epoch + 1, config.epochs + 1):

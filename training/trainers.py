@@ -40,6 +40,12 @@ class TrainConfig:
     amp: bool = True                # bf16 autocast where the hardware runs bf16 natively
 
 
+def train_config(model: str, **settings) -> TrainConfig:
+    """The model's own training defaults (its registry entry), then `settings` on top."""
+    from training.models import MODELS
+    return TrainConfig(**{"model": model, **MODELS[model].train_defaults, **settings})
+
+
 def native_bf16(device: torch.device) -> bool:
     """CUDA, or a CPU whose oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and slower than float32."""

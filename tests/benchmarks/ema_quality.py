@@ -11,7 +11,6 @@ share (a collapsed model shows up there).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 from training.data import load_dataset
 from training.loop import train
 from training.models import MODELS, model_config
-from training.trainers import TrainConfig
+from training.trainers import train_config
 
 
 def train_classifier(data, epochs: int = 8) -> nn.Module:
@@ -77,8 +76,7 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|")
     for name in args.models.split(","):
         spec = MODELS[name]
-        config = dataclasses.replace(TrainConfig(model=name, **spec.train_defaults), epochs=args.epochs,
-                                     ema_decay=args.ema_decay)
+        config = train_config(name, epochs=args.epochs, ema_decay=args.ema_decay)
         with tempfile.TemporaryDirectory() as tmp:
             result = train(config, model_config(spec), Path(tmp) / name, progress=False, data=data,
                            log=lambda *_: None)

@@ -13,7 +13,6 @@ The loops run side by side in interleaved rounds; the table gives each one's med
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from training import losses
 from training.data import load_dataset, shuffled_batches
 from training.models import MODELS, model_config
-from training.trainers import TrainConfig, make_trainer
+from training.trainers import make_trainer, train_config
 
 BATCH = 64
 
@@ -33,7 +32,7 @@ BATCH = 64
 def reference_loop(name: str, data, batches: int):
     """A closure that trains `batches` batches the plain way and returns images/s."""
     spec = MODELS[name]
-    config = dataclasses.replace(TrainConfig(model=name, **spec.train_defaults), batch_size=BATCH)
+    config = train_config(name, batch_size=BATCH)
     nets = spec.build(model_config(spec), data.num_classes)
     plain_optimizer = (lambda p: torch.optim.RMSprop(p, lr=config.lr)) if config.optimizer == "rmsprop" \
         else (lambda p: torch.optim.Adam(p, lr=config.lr, betas=config.betas))
@@ -91,8 +90,8 @@ def reference_loop(name: str, data, batches: int):
 
 def our_loop(name: str, data, batches: int, amp: bool):
     spec = MODELS[name]
-    config = dataclasses.replace(TrainConfig(model=name, **spec.train_defaults), batch_size=BATCH,
-                                 device="cpu", amp=spec.train_defaults.get("amp", True) and amp)
+    config = train_config(name, batch_size=BATCH, device="cpu")
+    config.amp = config.amp and amp
     trainer = make_trainer(spec, model_config(spec), config, data.num_classes, torch.device("cpu"))
     rng = torch.Generator().manual_seed(0)
 
