@@ -1,32 +1,41 @@
-# digit-gen: `make test` and `make train` work from a fresh clone; each creates .venv when missing.
+# digit-gen: `make serve`, `make test` and `make train` work from a fresh clone; each creates .venv when missing.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+BASE := $(VENV)/.installed-base
 TRAINED := $(VENV)/.installed-train-dev
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-# The default model set and how long each trains (epochs over the 4,500 mnist-5k training digits).
-MODELS ?= vae cvae gan wgan cgan
-EPOCHS ?= 30
+# The bundled models (recipes in training/bundle.py); `make train MODELS="cgan"` for a subset.
+MODELS ?=
 DEVICE ?= auto
 
-.PHONY: test train bench clean
+.PHONY: serve test train bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# The service needs the base package only: no torch.
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
 $(TRAINED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[train,dev]'
 	touch $@
 
+# Serve the bundled models in exported/ on http://$(HOST):$(PORT) (flags and DIGITGEN_* settings: README).
+serve: $(BASE)
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+
 test: $(TRAINED)
 	$(BIN)/python -m pytest
 
-# Re-running continues each run from its checkpoint (--resume); a finished run is left as it is.
+# Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)
-	set -e; for model in $(MODELS); do \
-	    $(BIN)/python -m training train $$model --epochs $(EPOCHS) --device $(DEVICE) --out runs/$$model --resume; \
-	done
+	$(BIN)/python -m training bundle --device $(DEVICE) $(if $(MODELS),--only $(MODELS))
 
 bench: $(TRAINED)
 	$(BIN)/python tests/benchmarks/train_throughput.py

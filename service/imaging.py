@@ -1,8 +1,12 @@
-"""Pictures from model outputs: grids of images as uint8 arrays (numpy only, no torch)."""
+"""Pictures from model outputs: grids, PNG, base64 and GIF (numpy and Pillow, no torch)."""
 
 from __future__ import annotations
 
+import base64
+import io
+
 import numpy as np
+from PIL import Image
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -27,3 +31,28 @@ def tile(images: np.ndarray, nrow: int, padding: int = 0, scale: int = 1) -> np.
         r, c = divmod(i, cols)
         grid[r * (h + padding): r * (h + padding) + h, c * (w + padding): c * (w + padding) + w] = image
     return grid
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """One 8-bit greyscale PNG of a [H, W] uint8 array."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_grid(images: np.ndarray, nrow: int, scale: int = 1) -> bytes:
+    """The n images as one PNG, `nrow` per row, each upscaled `scale` times with nearest neighbour."""
+    return png_bytes(tile(images, nrow, 0, scale))
+
+
+def png_list(images: np.ndarray, scale: int = 1) -> list[str]:
+    """One base64 PNG per image (the JSON format)."""
+    return [base64.b64encode(png_bytes(tile(image[None], 1, 0, scale))).decode("ascii") for image in images]
+
+
+def gif_bytes(images: np.ndarray, scale: int = 1, frame_ms: int = 120) -> bytes:
+    """An animated, looping GIF with one frame per image."""
+    frames = [Image.fromarray(tile(image[None], 1, 0, scale)) for image in images]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return buffer.getvalue()

@@ -55,3 +55,21 @@ def state_equal(a: dict, b: dict) -> bool:
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def quick_evaluator(digits):
+    """An evaluator trained briefly on 1,500 digits: (network, validation accuracy)."""
+    from training.evaluate import train_evaluator
+    some = DigitData(digits.name, Split(digits.train.images[:1500], digits.train.labels[:1500]), digits.val,
+                     digits.class_names)
+    return train_evaluator(some, epochs=3, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def evaluator_dir(tmp_path_factory, quick_evaluator) -> Path:
+    """An evaluator cache holding the quick evaluator for mnist-5k, so nothing trains the full one."""
+    folder = tmp_path_factory.mktemp("evaluators")
+    net, accuracy = quick_evaluator
+    torch.save({"net": net.state_dict(), "accuracy": accuracy}, folder / "mnist-5k.pt")
+    return folder

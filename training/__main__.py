@@ -1,4 +1,4 @@
-"""Command line: `python -m training list` and `python -m training train MODEL [flags]`."""
+"""Command line: `python -m training list | train MODEL | evaluate RUN_OR_ONNX | export RUN --name NAME`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-critic", type=positive_int, help="discriminator steps per generator step (WGANs 5, others 1)")
     train.add_argument("--ema-decay", type=float, help="keep an EMA of the generator weights with this decay (e.g. 0.999) and "
                             "use it for snapshots and export (default 0: off)")
+    train.add_argument("--kl-weight", type=positive_float, help="VAEs: weight of the KL term in the loss (beta; "
+                            "default 1, the plain ELBO)")
     train.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                        help="override a model setting, e.g. --set g_channels=32 or --set hidden=256,128")
     train.add_argument("--seed", type=int, default=0, help="seed; a CPU run is reproducible bit for bit (default 0)")
@@ -69,6 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run directory (default runs/MODEL)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar; the per-epoch summary only")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a run or an exported .onnx file with the evaluator classifier",
+        description="Draw samples from a run's generator (or an exported ONNX file) and report conditional "
+                    "accuracy, class coverage, confidence, FID next to its real-vs-real floor, precision and "
+                    "recall (and a VAE's validation ELBO). Prints a table and writes metrics.json.")
+    evaluate.add_argument("target", type=Path, metavar="RUN_OR_ONNX", help="a run directory or an .onnx file")
+    evaluate.add_argument("--samples", type=positive_int, default=5000, help="images to draw (default 5000)")
+    evaluate.add_argument("--dataset", choices=DATASETS, help="reference data for an .onnx file "
+                                                               "(a run uses its own; default mnist-5k)")
+    evaluate.add_argument("--data-dir", help="folder of the IDX files, as for train")
+    evaluate.add_argument("--out", type=Path, help="where to write the metrics (default RUN/metrics.json, "
+                                                   "or NAME.metrics.json beside an .onnx file)")
+
+    export = commands.add_parser(
+        "export", help="export a run's decoder/generator to ONNX and list it in the manifest",
+        description="Write OUT_DIR/NAME.onnx (checked against PyTorch under ONNX Runtime), evaluate that file, "
+                    "save its sample grid and progress GIF beside it and add it to OUT_DIR/manifest.json.")
+    export.add_argument("run", type=Path, metavar="RUN", help="a run directory (runs/MODEL)")
+    export.add_argument("--name", required=True, help="the model's name in the service (a-z, 0-9, - and _)")
+    export.add_argument("--out-dir", type=Path, default=Path("exported"), help="default exported/")
+    export.add_argument("--default-for", action="append", default=[], metavar="ENDPOINT",
+                        help="make this model the default of sample, generate or interpolate (repeatable)")
+    export.add_argument("--samples", type=positive_int, default=5000, help="images for the evaluation (default 5000)")
+
+    bundle = commands.add_parser(
+        "bundle", help="train, evaluate and export the bundled model set (what `make train` runs)",
+        description="For each recipe in training/bundle.py: train into RUNS/NAME (resuming), export to "
+                    "OUT_DIR/NAME.onnx, evaluate the file and list it in OUT_DIR/manifest.json.")
+    bundle.add_argument("--only", nargs="+", metavar="NAME", help="these recipes only (default: all)")
+    bundle.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bundle.add_argument("--runs", type=Path, default=Path("runs"), help="default runs/")
+    bundle.add_argument("--out-dir", type=Path, default=Path("exported"), help="default exported/")
+    bundle.add_argument("--samples", type=positive_int, default=5000, help="images per evaluation (default 5000)")
     return parser
 
 
@@ -77,10 +113,12 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     chosen = {
         "dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss, "n_critic": args.n_critic,
-        "ema_decay": args.ema_decay, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
+        "ema_decay": args.ema_decay, "kl_weight": args.kl_weight, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
     }
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
+    if args.kl_weight is not None and spec.kind != "vae":
+        raise ConfigError(f"--kl-weight {args.kl_weight}: only the VAEs have a KL term")
     if args.loss and spec.objective != "gan":
         raise ConfigError(f"--loss {args.loss}: only gan and cgan take a generator loss choice")
     return train_config(args.model, **{k: v for k, v in chosen.items() if v is not None})
@@ -97,7 +135,7 @@ def cmd_list() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.loop import train
+    from training.loop import saved_settings, train
 
     out = args.out or Path("runs") / args.model
     config = train_config_from_args(args)
@@ -105,11 +143,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     saved = out / "config.json"
     if args.resume and (out / "checkpoint.pt").exists() and saved.exists():
         # A resumed run keeps the settings it started with; only the epoch target and device may change.
-        record = json.loads(saved.read_text())
-        train_saved = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train"].items()}
-        config = dataclasses.replace(TrainConfig(**train_saved), epochs=config.epochs, device=config.device)
-        overrides = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-                     for k, v in record["model_config"].items()}
+        saved_config, overrides = saved_settings(json.loads(saved.read_text()))
+        config = dataclasses.replace(saved_config, epochs=config.epochs, device=config.device)
     mconfig = model_config(MODELS[config.model], overrides,
                            latent_dim=None if args.resume else args.latent_dim)
     result = train(config, mconfig, out, resume=args.resume, progress=not args.quiet)
@@ -117,16 +152,64 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"animation {result.out / 'progress.gif'})")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from training import evaluate
+    from training.data import load_dataset
+    from training.loop import load_run
+
+    target = args.target
+    if target.suffix == ".onnx":
+        if not target.is_file():
+            raise ConfigError(f"{target}: no such file")
+        source = evaluate.onnx_source(target)
+        data = load_dataset(args.dataset or "mnist-5k", args.data_dir)
+        trainer = None
+        out = args.out or target.with_name(f"{target.stem}.metrics.json")
+    else:
+        if args.dataset:
+            raise ConfigError("--dataset: a run is evaluated on its own dataset; the flag is for .onnx files")
+        trainer, record, _ = load_run(target)
+        config = trainer.config
+        source = evaluate.torch_source(target.name, trainer.sampler(), trainer.num_classes)
+        data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
+        out = args.out or target / "metrics.json"
+    metrics = evaluate.evaluate_source(source, data, args.samples)
+    if trainer is not None and hasattr(trainer, "validate"):
+        val = trainer.validate(data.val.images, data.val.labels)
+        metrics.update({"val_elbo": -val["val_loss"], "val_recon": val["val_recon"]})
+    print(evaluate.format_table(source.name, metrics))
+    evaluate.write_metrics(out, metrics)
+    print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_run
+
+    export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples)
+
+
+def cmd_bundle(args: argparse.Namespace) -> None:
+    from training.bundle import RECIPES, build
+
+    names = args.only or list(RECIPES)
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        raise ConfigError(f"--only {' '.join(unknown)}: no such recipe; the recipes are {', '.join(RECIPES)}")
+    build(names, args.runs, args.out_dir, args.device, args.samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from service.manifest import ManifestError
+    from training.evaluate import EvaluationError
+    from training.export import ExportError
     from training.loop import RunError
 
+    commands = {"list": lambda _: cmd_list(), "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+                "bundle": cmd_bundle}
     try:
-        if args.command == "list":
-            cmd_list()
-        else:
-            cmd_train(args)
-    except (ConfigError, DataError, RunError) as err:
+        commands[args.command](args)
+    except (ConfigError, DataError, RunError, ExportError, ManifestError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

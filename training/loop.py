@@ -61,7 +61,7 @@ class RunResult:
     history: list[dict]
 
 
-def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
+def read_history(path: Path, up_to_epoch: int) -> list[dict]:
     if not path.exists():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -96,13 +96,16 @@ def _load_checkpoint(path: Path, trainer: Trainer, data_rng: torch.Generator) ->
     return state["epoch"], state["step"]
 
 
-def _config_record(config: TrainConfig, model_config, spec: ModelSpec, device: torch.device) -> dict:
+def _config_record(config: TrainConfig, model_config, spec: ModelSpec, device: torch.device,
+                   data: DigitData) -> dict:
     return {
         "train": dataclasses.asdict(config),
         "model_config": dataclasses.asdict(model_config),
         "family": spec.name,
         "objective": spec.objective,
         "conditional": spec.conditional,
+        "dataset": data.name,
+        "class_names": list(data.class_names),
         "device": str(device),
         "torch": torch.__version__,
     }
@@ -134,8 +137,8 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         start_epoch, step = _load_checkpoint(checkpoint, trainer, data_rng)
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(_config_record(config, model_config, spec, device), indent=2))
-    history = _read_history(out / "metrics.jsonl", start_epoch)
+    write_text_atomic(out / "config.json", json.dumps(_config_record(config, model_config, spec, device, data), indent=2))
+    history = read_history(out / "metrics.jsonl", start_epoch)
     z_fixed, y_fixed = fixed_noise(trainer.sampler().latent_dim, trainer.num_classes, config.seed, device)
     snapshots = out / "snapshots"
 
@@ -183,3 +186,32 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         log(f"{spec.name} epoch {epoch}/{config.epochs}  {_format_terms(terms)}  "
             f"{seconds:.1f}s  {row['images_per_s']:.0f} img/s")
     return RunResult(out, trainer, history)
+
+
+def saved_settings(record: dict) -> tuple[TrainConfig, dict[str, str]]:
+    """A run's config.json back as its TrainConfig and its model settings as `--set` strings."""
+    train_saved = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train"].items()}
+    overrides = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+                 for k, v in record["model_config"].items()}
+    return TrainConfig(**train_saved), overrides
+
+
+def load_run(out: Path, device: str = "cpu") -> tuple[Trainer, dict, int]:
+    """A finished or interrupted run, ready to sample: (trainer with its last checkpoint, config.json, epoch)."""
+    from training.models import model_config as build_model_config
+
+    out = Path(out)
+    try:
+        record = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f"{out}: not a run directory (config.json: {err})") from None
+    if not (out / "checkpoint.pt").exists():
+        raise RunError(f"{out}: no checkpoint.pt (has the run finished an epoch?)")
+    config, overrides = saved_settings(record)
+    config = dataclasses.replace(config, device=device)
+    spec = MODELS[config.model]
+    trainer = make_trainer(spec, build_model_config(spec, overrides), config, len(record["class_names"]),
+                           resolve_device(device))
+    epoch, _ = _load_checkpoint(out / "checkpoint.pt", trainer, torch.Generator())
+    trainer.train(False)
+    return trainer, record, epoch

@@ -22,9 +22,11 @@ def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_progress_gif(frames: list[Path], path: Path, frame_ms: int = 250, hold_last_ms: int = 1500) -> None:
-    """An animated GIF of the per-epoch snapshots, looping, pausing on the last epoch."""
-    images = [Image.open(frame).convert("L") for frame in frames]
+def save_progress_gif(frames: list[Path], path: Path, frame_ms: int = 250, hold_last_ms: int = 1500,
+                      reduce: int = 1) -> None:
+    """An animated GIF of the per-epoch snapshots, looping, pausing on the last epoch; `reduce` shrinks
+    each frame by that integer factor."""
+    images = [Image.open(frame).convert("L").reduce(reduce) for frame in frames]
     if not images:
         return
     durations = [frame_ms] * (len(images) - 1) + [hold_last_ms]

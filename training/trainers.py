@@ -35,6 +35,7 @@ class TrainConfig:
     clip: float = 0.0               # WGAN weight clipping bound (0: off)
     gp_weight: float = 0.0          # WGAN gradient-penalty weight (0: off)
     ema_decay: float = 0.0          # EMA of generator weights for snapshots and export (0: off)
+    kl_weight: float = 1.0          # VAE: loss = recon + kl_weight * KL (beta-VAE); the ELBO is logged at 1
     seed: int = 0
     device: str = "auto"
     amp: bool = True                # bf16 autocast where the hardware runs bf16 natively
@@ -153,11 +154,10 @@ class VAETrainer(Trainer):
         with self.autocast:
             logits, mu, logvar = model(x, self.one_hot(labels))
         recon, kl = losses.vae_terms(logits.float(), x, mu.float(), logvar.float())
-        loss = recon + kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (recon + self.config.kl_weight * kl).backward()
         opt.step()
-        return {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach()}
+        return {"loss": (recon + kl).detach(), "recon": recon.detach(), "kl": kl.detach()}
 
     @torch.no_grad()
     def validate(self, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict[str, float]:

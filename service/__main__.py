@@ -1,0 +1,47 @@
+"""`python -m service [--host] [--port] [--models-dir] [--workers]`: serve exported/ with uvicorn.
+
+Flags override DIGITGEN_* environment variables; they are handed to the workers as those variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from service.config import Settings
+from service.manifest import ManifestError, load_manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
+                        help="interface to bind (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DIGITGEN_PORT", "8000")))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("DIGITGEN_WORKERS", "1")),
+                        help="uvicorn worker processes (each loads every model)")
+    parser.add_argument("--models-dir", help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
+    parser.add_argument("--providers", choices=("auto", "cuda", "cpu"), help="DIGITGEN_PROVIDERS (default auto)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
+    args = parser.parse_args(argv)
+    for flag in ("models_dir", "providers", "log_level"):
+        if getattr(args, flag) is not None:
+            os.environ[f"DIGITGEN_{flag.upper()}"] = str(getattr(args, flag))
+    try:
+        settings = Settings()
+        load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
+    except (ManifestError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
+                log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The manifest: the one contract between training (which writes it) and the service (which reads it).
+
+`exported/manifest.json` lists every exported decoder/generator with its ONNX interface, checksum,
+training summary and evaluation metrics, and names the default model of each endpoint. Pure pydantic:
+the service imports it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ENDPOINTS = ("sample", "generate", "interpolate")
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, not JSON or not valid; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainingSummary(_Strict):
+    epochs: int = Field(ge=1)
+    seconds: float = Field(ge=0, description="wall time of all epochs")
+    device: str
+    images_per_s: float = Field(ge=0, description="mean training throughput")
+    torch: str
+
+
+class ModelEntry(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    family: str = Field(description="the training family: vae, vae-dense, cvae, gan, cgan, wgan, wgan-clip")
+    conditional: bool
+    latent_dim: int = Field(ge=1)
+    num_classes: int = Field(ge=0, description="length of the y input; 0 for unconditional models")
+    class_names: list[str] = Field(description="what each index of y means; the dataset's classes")
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$", description="ONNX file beside the manifest")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=1)
+    dataset: str
+    training: TrainingSummary
+    metrics: dict[str, float | list[float] | None] = Field(
+        default_factory=dict, description="the evaluator's figures (training/evaluate.py)")
+
+    @model_validator(mode="after")
+    def _classes_agree(self) -> ModelEntry:
+        if self.conditional != (self.num_classes > 0):
+            raise ValueError("conditional models need num_classes > 0, unconditional ones num_classes = 0")
+        if self.conditional and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        return self
+
+
+class Defaults(_Strict):
+    sample: str | None = None
+    generate: str | None = None
+    interpolate: str | None = None
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    models: list[ModelEntry] = Field(default_factory=list)
+    defaults: Defaults = Field(default_factory=Defaults)
+
+    @model_validator(mode="after")
+    def _names_resolve(self) -> Manifest:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        for endpoint in ENDPOINTS:
+            name = getattr(self.defaults, endpoint)
+            if name is None:
+                continue
+            if name not in names:
+                raise ValueError(f"defaults.{endpoint} names {name!r}, which is not among the models")
+            if endpoint == "generate" and not self.model(name).conditional:
+                raise ValueError(f"defaults.generate names {name!r}, which is not conditional")
+        return self
+
+    def model(self, name: str) -> ModelEntry:
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = ()) -> Manifest:
+        """A copy with `entry` replacing the model of the same name (or appended), defaults updated."""
+        models = [m for m in self.models if m.name != entry.name] + [entry]
+        defaults = self.defaults.model_copy(update={e: entry.name for e in default_for})
+        return Manifest.model_validate({"schema_version": self.schema_version,
+                                        "models": [m.model_dump() for m in sorted(models, key=lambda m: m.name)],
+                                        "defaults": defaults.model_dump()})
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        parts.append(f"{where}: {problem['msg']}")
+    return "; ".join(parts)
+
+
+def parse_manifest(text: str, source: str = MANIFEST_NAME) -> Manifest:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{source}: not valid JSON ({err})") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        raise ManifestError(f"{source}: {_describe(err)}") from None
+
+
+def load_manifest(models_dir: Path) -> Manifest:
+    """Read and validate `models_dir/manifest.json`; raises ManifestError naming the field at fault."""
+    path = Path(models_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read the manifest ({err.strerror})") from None
+    return parse_manifest(text, str(path))
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

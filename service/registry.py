@@ -1,0 +1,151 @@
+"""The loaded models: one ONNX Runtime session per manifest entry that passes its checks.
+
+Startup reads the manifest through the same pydantic model the export writes, verifies each file's
+sha256 and opens a session on the best provider. A model that fails a check is logged with the reason
+and left out; the others serve.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.config import Settings
+from service.manifest import ENDPOINTS, Manifest, ModelEntry, load_manifest, sha256_of
+
+log = logging.getLogger("digitgen.registry")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# cuDNN's EXHAUSTIVE search re-benchmarks every new batch size (hundreds of ms each); HEURISTIC does not.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def nvidia_driver_present() -> bool:
+    """Is there an NVIDIA driver to talk to? Without one the CUDA provider cannot start, and trying
+    prints a screen of ONNX Runtime errors per session."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def choose_providers(setting: str, available: list[str], driver: bool) -> list:
+    """The provider list to ask ONNX Runtime for: CUDA first when wanted and usable, CPU always last."""
+    if setting != "cpu" and CUDA in available and (driver or setting == "cuda"):
+        return [(CUDA, CUDA_OPTIONS), CPU]
+    if setting != "cpu":
+        why = "no NVIDIA driver" if CUDA in available else f"this ONNX Runtime has no CUDA provider ({', '.join(available)})"
+        log.warning("providers=%s: %s; using the CPU", setting, why)
+    return [CPU]
+
+
+class ModelFileError(Exception):
+    """A model left out at startup; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    session: ort.InferenceSession
+    provider: str
+    warmed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        """images [N, 1, 28, 28] in [0, 1] for z [N, latent] (and y [N, classes]); blocking: call it off the loop."""
+        feed = {"z": z} if y is None else {"z": z, "y": y}
+        return self.session.run(["image"], feed)[0]
+
+    def warm(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run every batch size we will serve once, so no request pays for first-run allocation."""
+        for n in batch_sizes:
+            z = np.zeros((n, self.entry.latent_dim), np.float32)
+            y = np.full((n, self.entry.num_classes), 1 / max(self.entry.num_classes, 1), np.float32) \
+                if self.entry.conditional else None
+            out = self.run(z, y)
+            if out.shape != (n, *self.entry.image_shape):
+                raise ModelFileError(f"{self.name}: output shape {out.shape}, expected {(n, *self.entry.image_shape)}")
+        self.warmed = True
+
+
+def _check_interface(session: ort.InferenceSession, entry: ModelEntry) -> None:
+    """The ONNX interface of issue 3: z [N, latent_dim], y [N, num_classes] when conditional, image out."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    expected = {"z": entry.latent_dim} | ({"y": entry.num_classes} if entry.conditional else {})
+    if set(inputs) != set(expected):
+        raise ModelFileError(f"inputs are {sorted(inputs)}, the manifest implies {sorted(expected)}")
+    for name, width in expected.items():
+        if inputs[name].type != "tensor(float)" or inputs[name].shape[1:] != [width]:
+            raise ModelFileError(f"input {name} is {inputs[name].type} {inputs[name].shape}, expected float [N, {width}]")
+    if [o.name for o in session.get_outputs()] != ["image"]:
+        raise ModelFileError(f"outputs are {[o.name for o in session.get_outputs()]}, expected ['image']")
+
+
+class Registry:
+    """Models by name and the manifest's defaults, restricted to the models that loaded."""
+
+    def __init__(self, manifest: Manifest, models: dict[str, LoadedModel], failures: dict[str, str]):
+        self.manifest, self.models, self.failures = manifest, models, failures
+
+    @classmethod
+    def load(cls, settings: Settings) -> Registry:
+        manifest = load_manifest(settings.models_dir)  # ManifestError: nothing to serve, startup stops
+        providers = choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present())
+        models, failures = {}, {}
+        for entry in manifest.models:
+            try:
+                models[entry.name] = _open(entry, Path(settings.models_dir), providers, settings)
+            except ModelFileError as err:
+                failures[entry.name] = str(err)
+                log.error("model %s left out: %s", entry.name, err)
+        return cls(manifest, models, failures)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and all(m.warmed for m in self.models.values())
+
+    def default(self, endpoint: str) -> str | None:
+        """The manifest's default for an endpoint when it loaded, else the first loaded model that fits."""
+        name = getattr(self.manifest.defaults, endpoint)
+        if name in self.models:
+            return name
+        fits = [m.name for m in self.models.values() if endpoint != "generate" or m.entry.conditional]
+        return fits[0] if fits else None
+
+    def defaults_of(self, name: str) -> list[str]:
+        return [e for e in ENDPOINTS if self.default(e) == name]
+
+
+def _open(entry: ModelEntry, models_dir: Path, providers: list, settings: Settings) -> LoadedModel:
+    path = models_dir / entry.file
+    if not path.is_file():
+        raise ModelFileError(f"{path} is missing")
+    actual = sha256_of(path)
+    if actual != entry.sha256:
+        raise ModelFileError(f"{path} has sha256 {actual[:12]}..., the manifest says {entry.sha256[:12]}...")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # ONNX Runtime's own warnings would repeat what we log
+    try:
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as err:  # ONNX Runtime raises its own types for corrupt files
+        raise ModelFileError(f"{path} does not load in ONNX Runtime: {str(err).strip()[:200]}") from None
+    _check_interface(session, entry)
+    provider = session.get_providers()[0]
+    if providers[0] != CPU and provider == CPU:
+        log.warning("model %s: CUDA was requested but ONNX Runtime fell back to the CPU "
+                    "(CUDA or cuDNN libraries missing?)", entry.name)
+    log.info("model %s loaded from %s on %s", entry.name, path, provider)
+    return LoadedModel(entry, session, provider)

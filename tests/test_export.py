@@ -1,0 +1,133 @@
+"""Export: parity with PyTorch, the ONNX interface, the manifest entry, atomic failure; and the
+same checks on every bundled file in exported/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import tiny_setup
+from service.manifest import load_manifest, sha256_of
+from training import export
+from training.__main__ import main as cli
+from training.loop import train
+
+BUNDLED = Path(__file__).resolve().parents[1] / "exported"
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, few_digits):
+    """One-epoch tiny runs of a conditional GAN and a VAE."""
+    runs = {}
+    for model in ("cgan", "vae"):
+        out = tmp_path_factory.mktemp("runs") / model
+        config, mconfig = tiny_setup(model, epochs=1)
+        train(config, mconfig, out, progress=False, data=few_digits, log=lambda *_: None)
+        runs[model] = out
+    return runs
+
+
+def check_interface(path: Path, latent_dim: int, num_classes: int) -> None:
+    """Issue 3's contract: z [N, latent] (and y [N, classes]) float32 in, image [N, 1, 28, 28] float32 in [0, 1]
+    out, N dynamic, each row independent of the others."""
+    graph = onnx.load(str(path)).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    expected = {"z": latent_dim} | ({"y": num_classes} if num_classes else {})
+    assert set(dims) == set(expected)
+    for name, width in expected.items():
+        assert isinstance(dims[name][0], str) and dims[name][1] == width, dims  # a named, dynamic batch axis
+    assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*graph.input, *graph.output])
+    assert [o.name for o in graph.output] == ["image"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 64):
+        feed = {"z": rng.standard_normal((n, latent_dim), dtype=np.float32)}
+        if num_classes:
+            feed["y"] = np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, n)]
+        image = session.run(["image"], feed)[0]
+        assert image.shape == (n, 1, 28, 28) and image.dtype == np.float32
+        assert 0 <= image.min() and image.max() <= 1
+        alone = session.run(["image"], {k: v[-1:] for k, v in feed.items()})[0]
+        np.testing.assert_allclose(alone, image[-1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["cgan", "vae"])
+def test_export_passes_parity_and_follows_the_interface(tiny_runs, tmp_path, model):
+    from training.loop import load_run
+    trainer, _, _ = load_run(tiny_runs[model])
+    path = tmp_path / f"{model}.onnx"
+    export.export_onnx(trainer.sampler(), trainer.num_classes, path)
+    check_interface(path, trainer.sampler().latent_dim, trainer.num_classes)
+
+
+def test_a_parity_failure_writes_nothing(tiny_runs, tmp_path, monkeypatch):
+    from training.loop import load_run
+    trainer, _, _ = load_run(tiny_runs["cgan"])
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
+    with pytest.raises(export.ExportError, match="differs from PyTorch"):
+        export.export_onnx(trainer.sampler(), trainer.num_classes, tmp_path / "cgan.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_run_writes_file_pictures_and_manifest(tiny_runs, tmp_path, evaluator_dir):
+    out = tmp_path / "exported"
+    export.export_run(tiny_runs["cgan"], "tiny-cgan", out, ("generate",), samples=200,
+                      evaluator_dir=evaluator_dir, log=lambda *_: None)
+    export.export_run(tiny_runs["vae"], "tiny-vae", out, ("sample",), samples=200,
+                      evaluator_dir=evaluator_dir, log=lambda *_: None)
+    manifest = load_manifest(out)
+    assert [m.name for m in manifest.models] == ["tiny-cgan", "tiny-vae"]
+    assert (manifest.defaults.generate, manifest.defaults.sample) == ("tiny-cgan", "tiny-vae")
+    cgan, vae = manifest.model("tiny-cgan"), manifest.model("tiny-vae")
+    assert cgan.conditional and cgan.num_classes == 10 and cgan.latent_dim == 8 and cgan.training.epochs == 1
+    assert sha256_of(out / cgan.file) == cgan.sha256
+    assert 0 <= cgan.metrics["conditional_accuracy"] <= 1 and cgan.metrics["samples"] == 200
+    assert vae.metrics["val_elbo"] < 0 and "conditional_accuracy" not in vae.metrics
+    for name in ("tiny-cgan.png", "tiny-cgan-progress.gif", "tiny-vae.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_cli_errors_name_the_run(tmp_path, capsys):
+    assert cli(["export", str(tmp_path / "nowhere"), "--name", "x"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert cli(["evaluate", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+
+
+def test_cli_evaluates_an_onnx_file(tiny_runs, tmp_path, evaluator_dir, monkeypatch, capsys):
+    from training.loop import load_run
+    trainer, _, _ = load_run(tiny_runs["cgan"])
+    path = tmp_path / "g.onnx"
+    export.export_onnx(trainer.sampler(), trainer.num_classes, path)
+    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    assert cli(["evaluate", str(path), "--samples", "100"]) == 0
+    metrics = json.loads((tmp_path / "g.metrics.json").read_text())
+    assert "conditional accuracy" in capsys.readouterr().out and metrics["samples"] == 100
+
+
+# --- the bundled models ---------------------------------------------------------------------------
+
+def bundled_entries():
+    if not (BUNDLED / "manifest.json").exists():
+        return []
+    return load_manifest(BUNDLED).models
+
+
+@pytest.mark.parametrize("entry", bundled_entries(), ids=lambda e: e.name)
+def test_bundled_file_matches_its_manifest_entry(entry):
+    path = BUNDLED / entry.file
+    assert sha256_of(path) == entry.sha256
+    assert path.stat().st_size < 8 * 2**20
+    check_interface(path, entry.latent_dim, entry.num_classes)
+    assert (BUNDLED / f"{entry.name}.png").exists() and (BUNDLED / f"{entry.name}-progress.gif").exists()
+
+
+def test_the_bundle_has_every_default_family():
+    manifest = load_manifest(BUNDLED)
+    assert {"vae", "cvae", "gan", "wgan", "cgan"} <= {m.name for m in manifest.models}
+    assert manifest.defaults.generate and manifest.defaults.sample and manifest.defaults.interpolate

@@ -1,0 +1,277 @@
+"""The HTTP API over tiny ONNX fixtures: every endpoint and format, determinism, errors, readiness,
+models left out at startup, provider choice and CORS."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from onnx_fixtures import write_models_dir
+from service.app import create_app
+from service.config import Settings
+from service.registry import CPU, CUDA, Registry, choose_providers
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    write_models_dir(tmp_path / "exported")
+    return tmp_path / "exported"
+
+
+@pytest.fixture
+def client(models_dir):
+    settings = Settings(models_dir=models_dir, intra_op_threads=1, cors_origins=["http://frontend.test"])
+    with TestClient(create_app(settings)) as client:
+        _wait_ready(client)
+        yield client
+
+
+def _wait_ready(client, tries: int = 200):
+    for _ in range(tries):
+        if client.get("/readyz").status_code == 200:
+            return
+        import time
+        time.sleep(0.01)
+    raise AssertionError("service never became ready")
+
+
+def png(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return Image.open(io.BytesIO(response.content))
+
+
+def detail_names(response, param: str) -> bool:
+    return param in json.dumps(response.json()["detail"])
+
+
+# --- images and formats ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, nrow, scale, size", [
+    (1, 8, 1, (28, 28)), (16, 8, 2, (8 * 56, 2 * 56)), (5, 2, 3, (2 * 84, 3 * 84)), (64, 64, 1, (64 * 28, 28))])
+def test_sample_png_grid_has_the_size_n_nrow_and_scale_imply(client, n, nrow, scale, size):
+    image = png(client.get("/sample", params={"n": n, "nrow": nrow, "scale": scale, "seed": 1}))
+    assert image.size == size and image.mode == "L"
+
+
+def test_generate_json_holds_one_decodable_png_per_image(client):
+    body = client.get("/generate", params={"digit": 3, "n": 4, "format": "json", "seed": 9, "scale": 2}).json()
+    assert (body["model"], body["seed"], body["digit"], body["width"], body["height"]) == ("cgan", 9, 3, 56, 56)
+    images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in body["images"]]
+    assert len(images) == 4 and all(i.size == (56, 56) for i in images)
+
+
+def test_same_seed_gives_identical_bytes_and_a_new_seed_differs(client):
+    params = {"digit": 7, "n": 8, "seed": 42}
+    first, again = client.get("/generate", params=params), client.get("/generate", params=params)
+    assert first.content == again.content and first.headers["x-seed"] == "42"
+    assert client.get("/generate", params=params | {"seed": 43}).content != first.content
+
+
+def test_without_a_seed_one_is_drawn_and_returned_and_reproduces_the_image(client):
+    first = client.get("/sample", params={"n": 2})
+    seed = int(first.headers["x-seed"])
+    assert client.get("/sample", params={"n": 2, "seed": seed}).content == first.content
+    assert isinstance(client.get("/sample", params={"format": "json"}).json()["seed"], int)
+
+
+def test_conditional_sample_draws_and_reports_random_classes(client):
+    body = client.get("/sample", params={"model": "cgan", "n": 20, "seed": 3, "format": "json"}).json()
+    assert len(body["digits"]) == 20 and len(set(body["digits"])) > 1
+
+
+def test_generate_images_depend_on_the_digit(client):
+    three = client.get("/generate", params={"digit": 3, "seed": 5}).content
+    assert client.get("/generate", params={"digit": 4, "seed": 5}).content != three
+
+
+def test_interpolate_gif_has_one_frame_per_step(client):
+    response = client.get("/interpolate", params={"steps": 12, "format": "gif", "seed": 1, "scale": 2})
+    assert response.headers["content-type"] == "image/gif"
+    gif = Image.open(io.BytesIO(response.content))
+    assert gif.n_frames == 12 and gif.size == (56, 56)
+
+
+def test_interpolate_png_is_a_strip_and_json_lists_the_frames(client):
+    assert png(client.get("/interpolate", params={"steps": 5, "seed": 1})).size == (5 * 28, 28)
+    body = client.get("/interpolate", params={"steps": 6, "seed": 1, "format": "json"}).json()
+    assert len(body["images"]) == 6 and body["seed_to"] == 2 and body["method"] == "slerp"
+
+
+def test_class_blend_keeps_z_and_ends_on_each_digit(client):
+    walk = client.get("/interpolate", params={"digit": 2, "digit_to": 5, "steps": 4, "seed": 11,
+                                              "format": "json"}).json()
+    assert walk["seed_to"] == 11 and (walk["digit"], walk["digit_to"]) == (2, 5)
+    for frame, digit in ((walk["images"][0], 2), (walk["images"][-1], 5)):
+        single = client.get("/generate", params={"digit": digit, "seed": 11, "format": "json"}).json()
+        assert frame == single["images"][0]
+
+
+def test_slerp_and_linear_walks_share_their_ends_only(client):
+    params = {"model": "gan", "steps": 5, "seed": 1, "seed_to": 9, "format": "json"}
+    slerp = client.get("/interpolate", params=params).json()["images"]
+    linear = client.get("/interpolate", params=params | {"method": "linear"}).json()["images"]
+    assert slerp[0] == linear[0] and slerp[-1] == linear[-1] and slerp[2] != linear[2]
+
+
+def test_first_frame_of_a_walk_is_the_first_sample_of_its_seed(client):
+    walk = client.get("/interpolate", params={"model": "gan", "seed": 8, "format": "json"}).json()
+    sample = client.get("/sample", params={"model": "gan", "seed": 8, "format": "json"}).json()
+    assert walk["images"][0] == sample["images"][0]
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, params, param", [
+    ("/generate", {"digit": 10}, "digit"),
+    ("/generate", {"digit": -1}, "digit"),
+    ("/generate", {}, "digit"),
+    ("/generate", {"digit": 1, "model": "gan"}, "model"),
+    ("/sample", {"n": 0}, "n"),
+    ("/sample", {"n": 65}, "n"),
+    ("/sample", {"scale": 9}, "scale"),
+    ("/sample", {"scale": 0}, "scale"),
+    ("/sample", {"nrow": 0}, "nrow"),
+    ("/sample", {"seed": -1}, "seed"),
+    ("/sample", {"seed": "abc"}, "seed"),
+    ("/sample", {"format": "bmp"}, "format"),
+    ("/interpolate", {"steps": 1}, "steps"),
+    ("/interpolate", {"steps": 65}, "steps"),
+    ("/interpolate", {"method": "cubic"}, "method"),
+    ("/interpolate", {"model": "gan", "digit": 3}, "digit"),
+    ("/interpolate", {"model": "gan", "digit_to": 3}, "digit_to"),
+    ("/interpolate", {"format": "webp"}, "format"),
+])
+def test_bad_parameters_are_a_422_naming_the_parameter(client, path, params, param):
+    response = client.get(path, params=params)
+    assert response.status_code == 422 and detail_names(response, param), response.text
+
+
+@pytest.mark.parametrize("path", ["/sample?model=nope", "/generate?digit=1&model=nope",
+                                  "/interpolate?model=nope", "/models/nope"])
+def test_unknown_model_is_a_404_listing_the_available_ones(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert "nope" in response.json()["detail"] and "cgan" in response.json()["detail"]
+
+
+# --- metadata, health, metrics, CORS, OpenAPI -----------------------------------------------------------
+
+def test_models_lists_each_model_with_its_provider_and_defaults(client):
+    models = {m["name"]: m for m in client.get("/models").json()["models"]}
+    assert set(models) == {"gan", "cgan"}
+    assert models["cgan"]["conditional"] and models["cgan"]["num_classes"] == 10
+    assert models["cgan"]["default_for"] == ["generate", "interpolate"] and models["gan"]["default_for"] == ["sample"]
+    assert models["gan"]["provider"] == CPU and models["gan"]["metrics"] == {"fid": 1.0}
+    assert client.get("/models/gan").json()["latent_dim"] == 8
+
+
+def test_health_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    client.get("/sample", params={"n": 4})
+    client.get("/sample", params={"n": 0})
+    text = client.get("/metrics").text
+    assert 'digitgen_requests_total{endpoint="/sample",status="200"} 1.0' in text
+    assert 'digitgen_requests_total{endpoint="/sample",status="422"} 1.0' in text
+    assert "digitgen_request_seconds_bucket" in text and 'digitgen_inference_seconds_count{model="gan"}' in text
+    assert 'digitgen_inference_batch_size_sum{model="gan"} 4.0' in text
+
+
+def test_cors_allows_the_configured_origin_and_exposes_the_seed(client):
+    response = client.get("/sample", headers={"Origin": "http://frontend.test"})
+    assert response.headers["access-control-allow-origin"] == "http://frontend.test"
+    assert "X-Seed" in response.headers["access-control-expose-headers"]
+    assert "access-control-allow-origin" not in client.get("/sample", headers={"Origin": "http://evil.test"}).headers
+
+
+def test_openapi_describes_every_query_parameter(client):
+    spec = client.get("/openapi.json").json()
+    for path in ("/sample", "/generate", "/interpolate"):
+        for parameter in spec["paths"][path]["get"]["parameters"]:
+            assert parameter.get("description"), f"{path} {parameter['name']} has no description"
+
+
+# --- startup: readiness, bad files, providers ---------------------------------------------------------
+
+def test_readyz_is_503_until_the_models_are_warmed(models_dir):
+    settings = Settings(models_dir=models_dir, intra_op_threads=1)
+    registry = Registry.load(settings)
+    with TestClient(create_app(settings, registry, warm=False)) as client:
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200
+        for model in registry.models.values():
+            model.warm((1,))
+        assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-10] + b"0123456789"), "sha256"),
+    (lambda p: p.unlink(), "missing"),
+])
+def test_a_damaged_model_is_left_out_and_the_rest_serve(models_dir, damage, reason, caplog):
+    damage(models_dir / "gan.onnx")
+    with caplog.at_level(logging.ERROR), \
+            TestClient(create_app(Settings(models_dir=models_dir, intra_op_threads=1))) as client:
+        _wait_ready(client)
+        assert [m["name"] for m in client.get("/models").json()["models"]] == ["cgan"]
+        assert reason in client.get("/readyz").json()["left_out"]["gan"]
+        assert client.get("/generate", params={"digit": 1}).status_code == 200
+        assert client.get("/sample").status_code == 200  # the default falls to a model that loaded
+        assert reason in client.get("/sample", params={"model": "gan"}).json()["detail"]
+    assert any("gan" in r.message and reason in r.message for r in caplog.records)
+
+
+def test_a_corrupt_file_with_a_matching_checksum_is_left_out(models_dir):
+    path = models_dir / "gan.onnx"
+    path.write_bytes(b"not an onnx file")
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    from service.manifest import sha256_of
+    manifest["models"][[m["name"] for m in manifest["models"]].index("gan")]["sha256"] = sha256_of(path)
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    registry = Registry.load(Settings(models_dir=models_dir, intra_op_threads=1))
+    assert list(registry.models) == ["cgan"] and "ONNX Runtime" in registry.failures["gan"]
+
+
+def test_a_malformed_manifest_stops_startup_naming_the_field(models_dir, capsys):
+    from service.__main__ import main
+    manifest = json.loads((models_dir / "manifest.json").read_text())
+    del manifest["models"][0]["latent_dim"]
+    (models_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--models-dir", str(models_dir)]) == 2
+    assert "models.0.latent_dim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, available, driver, first", [
+    ("auto", [CUDA, CPU], True, CUDA),
+    ("auto", [CUDA, CPU], False, CPU),
+    ("auto", [CPU], True, CPU),
+    ("cuda", [CUDA, CPU], False, CUDA),
+    ("cuda", [CPU], True, CPU),
+    ("cpu", [CUDA, CPU], True, CPU),
+])
+def test_provider_choice_prefers_cuda_when_usable(setting, available, driver, first):
+    chosen = choose_providers(setting, available, driver)
+    name = chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]
+    assert name == first and chosen[-1] == CPU
+
+
+def test_cuda_fallback_is_logged(caplog):
+    with caplog.at_level(logging.WARNING):
+        choose_providers("cuda", [CPU], True)
+    assert "using the CPU" in caplog.text
+
+
+def test_the_service_never_imports_torch(models_dir):
+    import subprocess
+    code = ("import sys; from fastapi.testclient import TestClient; from service.app import create_app; "
+            "from service.config import Settings; "
+            f"c = TestClient(create_app(Settings(models_dir={str(models_dir)!r}))).__enter__(); "
+            "assert c.get('/sample').status_code == 200; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,145 @@
+"""Export a run's decoder/generator to ONNX, prove it matches PyTorch, score it, and list it in the manifest.
+
+The ONNX interface every model follows (the service relies on it):
+  input  z      float32 [N, latent_dim]    standard normal noise
+  input  y      float32 [N, num_classes]   conditional models only: a one-hot vector or any convex blend
+  output image  float32 [N, 1, 28, 28]     intensity in [0, 1], white digit on black
+with N dynamic. The network is exported in eval mode, so an image never depends on the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.manifest import ENDPOINTS, MANIFEST_NAME, Manifest, ModelEntry, TrainingSummary, load_manifest, sha256_of
+from training import evaluate, pictures
+from training.atomic import atomic_path, write_text_atomic
+from training.data import load_dataset
+from training.loop import SNAPSHOT_ROWS, read_history, fixed_noise, load_run
+
+PARITY_SAMPLES = 256
+PARITY_TOLERANCE = 1e-4  # max absolute pixel difference, ONNX Runtime CPU vs PyTorch
+GIF_FRAMES = 20
+EXAMPLE_BATCH = 4        # >= 2: an example batch of 1 can fix the batch axis to 1 (pytorch #133653)
+
+
+class ExportError(Exception):
+    """An export that failed a check; the message names the run or file."""
+
+
+class _Decoder(nn.Module):
+    """The exported graph: `generate(z, y)` alone, named inputs, float32 out."""
+
+    def __init__(self, net: nn.Module, conditional: bool):
+        super().__init__()
+        self.net, self.conditional = net, conditional
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net.generate(z, y if self.conditional else None).float()
+
+
+def _inputs(latent_dim: int, num_classes: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """z, and for conditional models y: random one-hots and, for half the rows, blends of two classes."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, latent_dim, generator=generator)
+    if not num_classes:
+        return (z,)
+    eye = torch.eye(num_classes)
+    a, b = (torch.randint(num_classes, (n,), generator=generator) for _ in range(2))
+    weight = torch.rand(n, 1, generator=generator) * (torch.arange(n) % 2)[:, None]  # odd rows blend
+    return z, (1 - weight) * eye[a] + weight * eye[b]
+
+
+def export_onnx(net: nn.Module, num_classes: int, path: Path) -> int:
+    """Write `net.generate` to `path` atomically after the parity check; returns the opset."""
+    import onnx
+    import onnxruntime as ort
+
+    decoder = _Decoder(copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format),
+                       num_classes > 0).eval()
+    example = _inputs(net.latent_dim, num_classes, EXAMPLE_BATCH, seed=0)
+    names = ["z", "y"][:len(example)]
+    batch = torch.export.Dim("batch", min=1)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we do not use
+    with torch.no_grad():
+        program = torch.onnx.export(decoder, example, input_names=names, output_names=["image"], dynamo=True,
+                                    dynamic_shapes={name: {0: batch} for name in names}, verbose=False)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
+        check = _inputs(net.latent_dim, num_classes, PARITY_SAMPLES, seed=1)
+        with torch.no_grad():
+            expected = decoder(*check).numpy()
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(["image"], dict(zip(names, (t.numpy() for t in check))))[0]
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        if not diff <= PARITY_TOLERANCE:
+            raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
+                              f"(> {PARITY_TOLERANCE:g}) over {PARITY_SAMPLES} samples; not written")
+        opset = next(o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx"))
+    return opset
+
+
+def _training_summary(run: Path, record: dict, epoch: int) -> TrainingSummary:
+    history = read_history(run / "metrics.jsonl", epoch)
+    seconds = sum(row["seconds"] for row in history)
+    images = sum(row["seconds"] * row["images_per_s"] for row in history)
+    return TrainingSummary(epochs=epoch, seconds=round(seconds, 1), device=record["device"],
+                           images_per_s=round(images / seconds, 1) if seconds else 0.0, torch=record["torch"])
+
+
+def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
+    """10 x 10 samples from the exported file; for a conditional model each column is one class."""
+    z, y = fixed_noise(source.latent_dim, source.num_classes, seed, torch.device("cpu"))
+    images = source.draw(z.numpy(), None if y is None else y.numpy())
+    pictures.save_grid(images, path, nrow=SNAPSHOT_ROWS)
+
+
+def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
+               samples: int = 5000, evaluator_dir: Path | None = None, log=print) -> ModelEntry:
+    """Export, check, evaluate and list one run; returns its manifest entry."""
+    for endpoint in default_for:
+        if endpoint not in ENDPOINTS:
+            raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
+    manifest_path = out_dir / MANIFEST_NAME
+    manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
+    trainer, record, epoch = load_run(run)
+    net = trainer.sampler()
+    num_classes = trainer.num_classes
+    onnx_path = out_dir / f"{name}.onnx"
+    opset = export_onnx(net, num_classes, onnx_path)
+    log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
+
+    config = trainer.config
+    data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
+    source = evaluate.onnx_source(onnx_path)
+    metrics = evaluate.evaluate_source(source, data, samples, evaluator_dir, log=log)
+    if hasattr(trainer, "validate"):
+        val = trainer.validate(data.val.images, data.val.labels)
+        metrics.update({"val_elbo": -val["val_loss"], "val_recon": val["val_recon"]})
+    log(evaluate.format_table(name, metrics))
+
+    _save_sample_grid(source, out_dir / f"{name}.png", config.seed)
+    snapshots = sorted((run / "snapshots").glob("epoch_*.png"))
+    if snapshots:  # at most GIF_FRAMES evenly spaced epochs, always the last: a few hundred KB to commit
+        keep = sorted({round(i * (len(snapshots) - 1) / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
+        pictures.save_progress_gif([snapshots[i] for i in keep], out_dir / f"{name}-progress.gif",
+                                   reduce=pictures.GRID_SCALE)
+    entry = ModelEntry(
+        name=name, family=record["family"], conditional=num_classes > 0, latent_dim=net.latent_dim,
+        num_classes=num_classes, class_names=record["class_names"], file=onnx_path.name,
+        sha256=sha256_of(onnx_path), opset=opset, dataset=record["dataset"],
+        training=_training_summary(run, record, epoch), metrics=metrics)
+    try:
+        updated = manifest.upsert(entry, default_for)
+    except ValueError as err:
+        raise ExportError(f"{manifest_path}: {err}") from None
+    write_text_atomic(manifest_path, updated.to_json())
+    log(f"{manifest_path}: {name} listed" + (f", default for {', '.join(default_for)}" if default_for else ""))
+    return entry
+
