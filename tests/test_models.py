@@ -73,3 +73,18 @@ def test_settings_override_and_unknown_settings_are_named():
         model_config(spec, {"g_channels": "wide"})
     with pytest.raises(ConfigError, match="d_norm=batch"):
         model_config(spec, {"d_norm": "batch"})
+
+
+def test_minibatch_std_sees_a_collapsed_group_and_never_mixes_groups():
+    from training.models.gan import MinibatchStd
+    h = torch.randn(8, 3, 7, 7)
+    h[4:] = h[4:5]  # the second group of four is one image repeated: a collapsed generator
+    spread = MinibatchStd(4)(h)[:, 3, 0, 0]
+    assert (spread[:4] > 0.3).all() and (spread[4:] < 1e-3).all()
+
+
+def test_discriminator_with_minibatch_std_scores_each_image():
+    from training.models.gan import Discriminator, GANConfig
+    d = Discriminator(GANConfig(d_channels=8, mbstd_group=4), num_classes=10)
+    x, y = torch.randn(8, 1, 28, 28), torch.eye(10)[:8]
+    assert d(x, y).shape == (8,)

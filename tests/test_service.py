@@ -275,3 +275,17 @@ def test_the_service_never_imports_torch(models_dir):
             f"c = TestClient(create_app(Settings(models_dir={str(models_dir)!r}))).__enter__(); "
             "assert c.get('/sample').status_code == 200; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_inference_runs_off_the_event_loop(client, monkeypatch):
+    import threading
+    from service.registry import LoadedModel
+    threads = []
+    original = LoadedModel.run
+
+    def spy(self, z, y):
+        threads.append(threading.current_thread().name)
+        return original(self, z, y)
+    monkeypatch.setattr(LoadedModel, "run", spy)
+    assert client.get("/sample", params={"n": 2}).status_code == 200
+    assert threads and all(name.startswith("inference") for name in threads)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-critic", type=positive_int, help="discriminator steps per generator step (WGANs 5, others 1)")
     train.add_argument("--ema-decay", type=float, help="keep an EMA of the generator weights with this decay (e.g. 0.999) and "
                             "use it for snapshots and export (default 0: off)")
+    train.add_argument("--augment", help="GANs: differentiable augmentation of every image the discriminator "
+                            "sees: translation, cutout or both (comma-separated; default none)")
     train.add_argument("--kl-weight", type=positive_float, help="VAEs: weight of the KL term in the loss (beta; "
                             "default 1, the plain ELBO)")
     train.add_argument("--set", type=key_value, action="append", default=[], metavar="KEY=VALUE",
@@ -113,10 +115,16 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     chosen = {
         "dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss, "n_critic": args.n_critic,
-        "ema_decay": args.ema_decay, "kl_weight": args.kl_weight, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
+        "ema_decay": args.ema_decay, "kl_weight": args.kl_weight, "augment": args.augment, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
     }
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
+    if args.augment is not None:
+        from training.augment import POLICIES
+        unknown = [p for p in args.augment.split(",") if p and p not in POLICIES]
+        if unknown or spec.kind != "gan":
+            raise ConfigError(f"--augment {args.augment}: GANs only, a comma-separated subset of "
+                              f"{', '.join(POLICIES)}")
     if args.kl_weight is not None and spec.kind != "vae":
         raise ConfigError(f"--kl-weight {args.kl_weight}: only the VAEs have a KL term")
     if args.loss and spec.objective != "gan":

@@ -20,12 +20,39 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("vae", "vae", ("--epochs", "60")),
-    Recipe("cvae", "cvae", ("--epochs", "60")),
+    Recipe("vae", "vae", ("--epochs", "60", "--kl-weight", "3")),
+    Recipe("cvae", "cvae", ("--epochs", "60", "--kl-weight", "3")),
     Recipe("gan", "gan", ("--epochs", "150")),
     Recipe("wgan", "wgan", ("--epochs", "100")),
     Recipe("cgan", "cgan", ("--epochs", "200"), default_for=("sample", "generate", "interpolate")),
 ]}
+
+
+def check_recipe(recipe: Recipe, run: Path) -> None:
+    """Refuse to resume a run whose settings differ from its recipe's: resuming keeps the run's own
+    settings, so a changed recipe would otherwise be ignored without a word."""
+    import dataclasses
+    import json
+
+    from training.__main__ import build_parser, train_config_from_args
+    from training.loop import RunError, saved_settings
+    from training.models import MODELS, model_config
+
+    record_path = run / "config.json"
+    if not (run / "checkpoint.pt").exists() or not record_path.exists():
+        return
+    args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
+    wanted = dataclasses.asdict(train_config_from_args(args))
+    wanted_model = dataclasses.asdict(model_config(MODELS[recipe.model], dict(args.set), latent_dim=args.latent_dim))
+    record = json.loads(record_path.read_text())
+    saved = dataclasses.asdict(saved_settings(record)[0])
+    differ = [f"{k} {saved[k]} (recipe: {wanted[k]})" for k in wanted
+              if k not in ("epochs", "device") and saved.get(k) != wanted[k]]
+    differ += [f"{k} {v} (recipe: {wanted_model[k]})" for k, v in record["model_config"].items()
+               if json.loads(json.dumps(wanted_model.get(k))) != v]
+    if differ:
+        raise RunError(f"{run} was trained with other settings than recipe {recipe.name}: {'; '.join(differ)}. "
+                       f"Move {run} away to retrain it")
 
 
 def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path("exported"),
@@ -38,6 +65,7 @@ def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path(
     for name in names:
         recipe = RECIPES[name]
         run = runs_dir / name
+        check_recipe(recipe, run)
         code = cli(["train", recipe.model, *recipe.flags, "--device", device, "--out", str(run),
                     "--resume", "--quiet"])
         if code:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import losses
+from training.augment import augment
 from training.models import ModelSpec
 
 
@@ -35,6 +36,7 @@ class TrainConfig:
     clip: float = 0.0               # WGAN weight clipping bound (0: off)
     gp_weight: float = 0.0          # WGAN gradient-penalty weight (0: off)
     ema_decay: float = 0.0          # EMA of generator weights for snapshots and export (0: off)
+    augment: str = ""               # GANs: DiffAugment policy for all D inputs, e.g. "translation,cutout"
     kl_weight: float = 1.0          # VAE: loss = recon + kl_weight * KL (beta-VAE); the ELBO is logged at 1
     seed: int = 0
     device: str = "auto"
@@ -200,8 +202,9 @@ class AdversarialTrainer(Trainer):
         # Discriminator step: the fake is detached, so the generator gets no gradient from it.
         with self.autocast, torch.set_grad_enabled(train_g):
             fake = G(z, y)                                # kept with its graph when G trains next
+        seen = augment(torch.cat([real, fake.detach()]), self.config.augment)
         with self.autocast:
-            both = D(torch.cat([real, fake.detach()]), None if y is None else torch.cat([y, y]))
+            both = D(seen, None if y is None else torch.cat([y, y]))
         real_out, fake_out = both.float().chunk(2)
         if self.wasserstein:
             d_loss = losses.critic_loss(real_out, fake_out)
@@ -227,7 +230,7 @@ class AdversarialTrainer(Trainer):
         # Generator step: the discriminator is frozen, so only the generator moves.
         if train_g:
             with frozen(D), self.autocast:
-                g_loss = self.g_loss_fn(D(fake, y).float())
+                g_loss = self.g_loss_fn(D(augment(fake, self.config.augment), y).float())
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()

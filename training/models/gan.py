@@ -21,6 +21,7 @@ class GANConfig:
     g_channels: int = 64   # generator width at 14x14; 2x this at 7x7
     d_channels: int = 64   # discriminator width at 14x14; 2x this at 7x7
     d_norm: str = "layer"  # "layer" or "none"; never batch norm: it breaks the gradient penalty
+    mbstd_group: int = 0   # discriminator: minibatch standard deviation over groups of this many (0: off)
 
 
 class Generator(nn.Module):
@@ -46,8 +47,27 @@ class Generator(nn.Module):
         return self.upsample(self.project(h))
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """The exported interface: intensities in [0, 1]."""
-        return (self.forward(z, y) + 1) * 0.5
+        """The exported interface: intensities in [0, 1] (clamped: float rounding of tanh can land a hair outside)."""
+        return ((self.forward(z, y) + 1) * 0.5).clamp(0.0, 1.0)
+
+
+class MinibatchStd(nn.Module):
+    """Appends one plane: the mean standard deviation of the features across each group of `group`
+    consecutive images (Karras et al. 2018). A generator that draws the same few digits gives its group
+    a low value, which the discriminator can then punish: a check on mode dropping. Groups never mix real
+    and fake when both halves of the batch are multiples of `group`."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, c, height, width = h.shape
+        g = self.group if n % self.group == 0 else 1
+        grouped = h.float().view(n // g, g, c, height, width)                              # consecutive groups
+        spread = (grouped.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))   # [N / g]
+        plane = spread.repeat_interleave(g)[:, None, None, None].expand(n, 1, height, width)  # [N, 1, H, W]
+        return torch.cat([h, plane.to(h.dtype)], dim=1)
 
 
 class Discriminator(nn.Module):
@@ -56,11 +76,13 @@ class Discriminator(nn.Module):
         self.num_classes = num_classes
         c = config.d_channels
         norm = nn.LayerNorm([2 * c, 7, 7]) if config.d_norm == "layer" else nn.Identity()
+        extra = 1 if config.mbstd_group > 1 else 0
         self.net = nn.Sequential(
             nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # [N, c, 14, 14]
             nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),     # [N, 2c, 7, 7]
+            MinibatchStd(config.mbstd_group) if extra else nn.Identity(),              # [N, 2c (+1), 7, 7]
             nn.Flatten(),
-            nn.Linear(2 * c * 49, 1),
+            nn.Linear((2 * c + extra) * 49, 1),
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

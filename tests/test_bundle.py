@@ -1,0 +1,75 @@
+"""Bundle recipes and the augmentation they may use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_setup
+from training.__main__ import build_parser, main as cli, train_config_from_args
+from training.augment import augment, cutout, translate
+from training.bundle import RECIPES, check_recipe
+from training.loop import RunError, train
+from training.models import MODELS, model_config
+
+
+def fake_run(path, recipe, **changes):
+    args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
+    config = dataclasses.replace(train_config_from_args(args), **changes)
+    path.mkdir()
+    record = {"train": dataclasses.asdict(config),
+              "model_config": dataclasses.asdict(model_config(MODELS[recipe.model]))}
+    (path / "config.json").write_text(json.dumps(record))
+    (path / "checkpoint.pt").write_bytes(b"")
+
+
+def test_a_run_matching_its_recipe_may_resume_even_with_another_epoch_target(tmp_path):
+    fake_run(tmp_path / "cvae", RECIPES["cvae"], epochs=3)
+    check_recipe(RECIPES["cvae"], tmp_path / "cvae")
+
+
+def test_a_run_with_other_settings_than_its_recipe_is_refused_by_name(tmp_path):
+    fake_run(tmp_path / "cvae", RECIPES["cvae"], kl_weight=1.0)
+    with pytest.raises(RunError, match="kl_weight 1.0 .recipe: 3.0."):
+        check_recipe(RECIPES["cvae"], tmp_path / "cvae")
+
+
+def test_every_recipe_parses():
+    for recipe in RECIPES.values():
+        train_config_from_args(build_parser().parse_args(["train", recipe.model, *recipe.flags]))
+
+
+def test_translation_shifts_content_and_fills_with_background():
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 28, 28), -1.0)
+    x[:, :, 10:18, 10:18] = 1.0
+    moved = translate(x, 3)
+    assert torch.equal(moved.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)))  # an 8x8 square 3+ px from the edge survives
+    assert not torch.equal(moved, x) and set(moved.unique().tolist()) == {-1.0, 1.0}
+
+
+def test_cutout_blanks_a_square_and_augmentation_is_differentiable():
+    x = torch.ones(32, 1, 28, 28, requires_grad=True)
+    blanked = (cutout(x, 14) == -1).flatten(1).sum(1)
+    assert ((blanked > 0) & (blanked <= 15 * 15)).all()
+    augment(x * 2, "translation,cutout").sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_a_gan_trains_with_augmentation(tmp_path, few_digits):
+    config, mconfig = tiny_setup("gan", epochs=1, augment="translation,cutout")
+    result = train(config, mconfig, tmp_path / "run", progress=False, data=few_digits, log=lambda *_: None)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in result.history[0].items() if k != "epoch")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["gan", "--augment", "rotate"], "--augment"),
+    (["vae", "--augment", "translation"], "--augment"),
+    (["gan", "--kl-weight", "2"], "--kl-weight"),
+])
+def test_training_flags_for_the_wrong_family_are_refused(flags, message, tmp_path, capsys):
+    assert cli(["train", *flags, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
