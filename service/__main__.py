@@ -11,6 +11,7 @@ import os
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.config import Settings
 from service.manifest import ManifestError, load_manifest
@@ -34,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
-    except (ManifestError, ValueError) as err:
+    except ValidationError as err:
+        for problem in err.errors():
+            name = "DIGITGEN_" + "_".join(str(p) for p in problem["loc"]).upper()
+            print(f"error: {name}={problem.get('input')!r}: {problem['msg']}", file=sys.stderr)
+        return 2
+    except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -88,3 +88,10 @@ def test_discriminator_with_minibatch_std_scores_each_image():
     d = Discriminator(GANConfig(d_channels=8, mbstd_group=4), num_classes=10)
     x, y = torch.randn(8, 1, 28, 28), torch.eye(10)[:8]
     assert d(x, y).shape == (8,)
+
+
+def test_discriminator_parameter_names_stay_stable_so_old_checkpoints_resume():
+    from training.models.gan import Discriminator, GANConfig
+    keys = list(Discriminator(GANConfig(d_channels=8)).state_dict())
+    assert keys == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.3.weight", "net.3.bias",
+                    "net.6.weight", "net.6.bias"]

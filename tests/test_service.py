@@ -239,8 +239,9 @@ def test_a_corrupt_file_with_a_matching_checksum_is_left_out(models_dir):
     assert list(registry.models) == ["cgan"] and "ONNX Runtime" in registry.failures["gan"]
 
 
-def test_a_malformed_manifest_stops_startup_naming_the_field(models_dir, capsys):
+def test_a_malformed_manifest_stops_startup_naming_the_field(models_dir, capsys, monkeypatch):
     from service.__main__ import main
+    monkeypatch.delenv("DIGITGEN_MODELS_DIR", raising=False)  # main() sets it; restored after the test
     manifest = json.loads((models_dir / "manifest.json").read_text())
     del manifest["models"][0]["latent_dim"]
     (models_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -289,3 +290,11 @@ def test_inference_runs_off_the_event_loop(client, monkeypatch):
     monkeypatch.setattr(LoadedModel, "run", spy)
     assert client.get("/sample", params={"n": 2}).status_code == 200
     assert threads and all(name.startswith("inference") for name in threads)
+
+
+def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch, capsys):
+    from service.__main__ import main
+    monkeypatch.setenv("DIGITGEN_PROVIDERS", "gpu")
+    monkeypatch.delenv("DIGITGEN_MODELS_DIR", raising=False)
+    assert main(["--models-dir", str(models_dir)]) == 2
+    assert "DIGITGEN_PROVIDERS='gpu'" in capsys.readouterr().err

@@ -23,8 +23,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", ("--epochs", "60", "--kl-weight", "3")),
     Recipe("cvae", "cvae", ("--epochs", "60", "--kl-weight", "3")),
     Recipe("gan", "gan", ("--epochs", "150")),
-    Recipe("wgan", "wgan", ("--epochs", "100")),
-    Recipe("cgan", "cgan", ("--epochs", "200"), default_for=("sample", "generate", "interpolate")),
+    Recipe("wgan", "wgan", ("--epochs", "300")),
+    Recipe("cgan", "cgan", ("--epochs", "300"), default_for=("sample", "generate", "interpolate")),
 ]}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def export_onnx(net: nn.Module, num_classes: int, path: Path) -> int:
     names = ["z", "y"][:len(example)]
     batch = torch.export.Dim("batch", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we do not use
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, UserWarning))  # torch's exporter internals, not ours
         program = torch.onnx.export(decoder, example, input_names=names, output_names=["image"], dynamo=True,
                                     dynamic_shapes={name: {0: batch} for name in names}, verbose=False)
     with atomic_path(path) as tmp:

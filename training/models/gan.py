@@ -76,13 +76,13 @@ class Discriminator(nn.Module):
         self.num_classes = num_classes
         c = config.d_channels
         norm = nn.LayerNorm([2 * c, 7, 7]) if config.d_norm == "layer" else nn.Identity()
-        extra = 1 if config.mbstd_group > 1 else 0
+        extra = [MinibatchStd(config.mbstd_group)] if config.mbstd_group > 1 else []  # [N, 2c + 1, 7, 7]
         self.net = nn.Sequential(
             nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # [N, c, 14, 14]
             nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),     # [N, 2c, 7, 7]
-            MinibatchStd(config.mbstd_group) if extra else nn.Identity(),              # [N, 2c (+1), 7, 7]
+            *extra,
             nn.Flatten(),
-            nn.Linear((2 * c + extra) * 49, 1),
+            nn.Linear((2 * c + len(extra)) * 49, 1),
         )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
