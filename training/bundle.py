@@ -23,7 +23,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", ("--epochs", "60", "--kl-weight", "3")),
     Recipe("cvae", "cvae", ("--epochs", "60", "--kl-weight", "3")),
     Recipe("gan", "gan", ("--epochs", "150")),
-    Recipe("wgan", "wgan", ("--epochs", "300")),
+    Recipe("wgan", "wgan", ("--epochs", "500")),
     Recipe("cgan", "cgan", ("--epochs", "300"), default_for=("sample", "generate", "interpolate")),
 ]}
 
