@@ -171,20 +171,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(f"{target}: no such file")
         source = evaluate.onnx_source(target)
         data = load_dataset(args.dataset or "mnist-5k", args.data_dir)
-        trainer = None
+        metrics = evaluate.evaluate_source(source, data, args.samples)
         out = args.out or target.with_name(f"{target.stem}.metrics.json")
     else:
         if args.dataset:
             raise ConfigError("--dataset: a run is evaluated on its own dataset; the flag is for .onnx files")
-        trainer, record, _ = load_run(target)
-        config = trainer.config
+        trainer, _, _ = load_run(target)
         source = evaluate.torch_source(target.name, trainer.sampler(), trainer.num_classes)
-        data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
+        metrics = evaluate.evaluate_run(trainer, source, args.samples)
         out = args.out or target / "metrics.json"
-    metrics = evaluate.evaluate_source(source, data, args.samples)
-    if trainer is not None and hasattr(trainer, "validate"):
-        val = trainer.validate(data.val.images, data.val.labels)
-        metrics.update({"val_elbo": -val["val_loss"], "val_recon": val["val_recon"]})
     print(evaluate.format_table(source.name, metrics))
     evaluate.write_metrics(out, metrics)
     print(f"wrote {out}")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.atomic import atomic_path, write_text_atomic
-from training.data import DigitData
+from training.data import DigitData, load_dataset
 
 FEATURES = 128
 CONFIDENT = 0.9        # "confidence" is the share of samples classified with probability above this
@@ -243,6 +243,18 @@ def evaluate_source(source: Source, data: DigitData, n: int = 5000, cache_dir: P
     metrics["fid_ratio"] = metrics["fid"] / metrics["fid_floor"]
     metrics["evaluator_accuracy"] = accuracy
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def evaluate_run(trainer, source: Source, n: int = 5000, cache_dir: Path | None = None, log=print) -> dict:
+    """`evaluate_source` on the run's own dataset, plus a VAE's validation ELBO, which needs the encoder
+    and so only a run can give. `source` may be the run's network or its exported file."""
+    config = trainer.config
+    data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
+    metrics = evaluate_source(source, data, n, cache_dir, log=log)
+    if hasattr(trainer, "validate"):
+        val = trainer.validate(data.val.images, data.val.labels)
+        metrics.update({"val_elbo": -val["val_loss"], "val_recon": val["val_recon"]})
+    return metrics
 
 
 ROWS = [  # (key, label, format) for the printed table

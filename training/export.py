@@ -21,7 +21,6 @@ from torch import nn
 from service.manifest import ENDPOINTS, MANIFEST_NAME, Manifest, ModelEntry, TrainingSummary, load_manifest, sha256_of
 from training import evaluate, pictures
 from training.atomic import atomic_path, write_text_atomic
-from training.data import load_dataset
 from training.loop import SNAPSHOT_ROWS, read_history, fixed_noise, load_run
 
 PARITY_SAMPLES = 256
@@ -118,12 +117,8 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
 
     config = trainer.config
-    data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
     source = evaluate.onnx_source(onnx_path)
-    metrics = evaluate.evaluate_source(source, data, samples, evaluator_dir, log=log)
-    if hasattr(trainer, "validate"):
-        val = trainer.validate(data.val.images, data.val.labels)
-        metrics.update({"val_elbo": -val["val_loss"], "val_recon": val["val_recon"]})
+    metrics = evaluate.evaluate_run(trainer, source, samples, evaluator_dir, log=log)
     log(evaluate.format_table(name, metrics))
 
     _save_sample_grid(source, out_dir / f"{name}.png", config.seed)
