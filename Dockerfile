@@ -40,8 +40,8 @@ RUN useradd --system --uid 10001 --no-create-home app
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY exported /app/exported
-ENV PATH=/opt/venv/bin:$PATH DIGITGEN_MODELS_DIR=/app/exported DIGITGEN_HOST=0.0.0.0 DIGITGEN_PORT=8000 \
-    DIGITGEN_WORKERS=1
+# DIGITGEN_WORKERS unset: one worker per CPU the container may use (affinity and --cpus quota)
+ENV PATH=/opt/venv/bin:$PATH DIGITGEN_MODELS_DIR=/app/exported DIGITGEN_HOST=0.0.0.0 DIGITGEN_PORT=8000
 USER 10001
 EXPOSE 8000
 # urlopen raises on any status but 2xx, so a 503 from /readyz marks the container unhealthy

@@ -11,7 +11,7 @@ PORT ?= 8000
 MODELS ?=
 DEVICE ?= auto
 
-.PHONY: serve test train bench clean
+.PHONY: serve test train bench bench-serve bench-train clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,13 @@ test: $(TRAINED)
 train: $(TRAINED)
 	$(BIN)/python -m training bundle --device $(DEVICE) $(if $(MODELS),--only $(MODELS))
 
-bench: $(TRAINED)
+# Measurements, not tests: the HTTP load benchmark (installs wrk from Debian when missing), then training speed.
+bench: bench-serve bench-train
+
+bench-serve: $(TRAINED)
+	$(BIN)/python tests/benchmarks/serve_throughput.py
+
+bench-train: $(TRAINED)
 	$(BIN)/python tests/benchmarks/train_throughput.py
 
 clean:

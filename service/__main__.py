@@ -9,6 +9,9 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -23,13 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DIGITGEN_PORT", "8000")))
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("DIGITGEN_WORKERS", "1")),
-                        help="uvicorn worker processes (each loads every model)")
+    parser.add_argument("--workers", type=int, help="uvicorn worker processes, each with every model "
+                                                    "(DIGITGEN_WORKERS; default: 1 on CUDA, else one per CPU)")
     parser.add_argument("--models-dir", help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
     parser.add_argument("--providers", choices=("auto", "cuda", "cpu"), help="DIGITGEN_PROVIDERS (default auto)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
     args = parser.parse_args(argv)
-    for flag in ("models_dir", "providers", "log_level"):
+    for flag in ("models_dir", "providers", "log_level", "workers"):
         if getattr(args, flag) is not None:
             os.environ[f"DIGITGEN_{flag.upper()}"] = str(getattr(args, flag))
     try:
@@ -44,9 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                log_level=settings.log_level)
+    os.environ["DIGITGEN_WORKERS"] = str(settings.workers)  # the workers share the CPUs out the same way
+    with shared_metrics(settings.workers):
+        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=settings.workers,
+                    log_level=settings.log_level, access_log=settings.access_log)
     return 0
+
+
+@contextmanager
+def shared_metrics(workers: int):
+    """With several workers, each keeps its Prometheus values in files of one folder and /metrics sums
+    them (prometheus_client's multiprocess mode); otherwise a scrape would see one worker's share."""
+    if workers == 1:
+        yield
+        return
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:  # the operator's folder: stale files from an earlier run would be counted again
+        for stale in Path(folder).glob("*.db"):
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        yield
 
 
 if __name__ == "__main__":

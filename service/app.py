@@ -1,7 +1,8 @@
 """create_app(): the HTTP API over the models of the manifest.
 
-Routes are thin: resolve the model, turn the query into z (and y) with `sampling`, run the model in a
-thread pool (never on the event loop), encode with `imaging`.
+Routes are thin: resolve the model, turn the query into z (and y) with `sampling`, queue it on the
+model's batcher (`batching`: one ONNX Runtime call for many requests, never on the event loop), and
+await the response its encode thread builds with `imaging`.
 """
 
 from __future__ import annotations
@@ -11,40 +12,26 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from enum import Enum
+from functools import partial
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import imaging, sampling
+from service.batching import Batcher, Inputs, QueueFull
 from service.config import Settings
+from service.queries import openapi_query, query_models
 from service.metrics import Metrics
 from service.registry import LoadedModel, Registry
 
 log = logging.getLogger("digitgen.app")
 
 IMAGE_SIZE = 28
-DEFAULT_NROW = 8
 GIF_FRAME_MS = 120
-
-
-class ImageFormat(str, Enum):
-    png = "png"
-    json = "json"
-
-
-class WalkFormat(str, Enum):
-    png = "png"
-    json = "json"
-    gif = "gif"
-
-
-class Method(str, Enum):
-    slerp = "slerp"
-    linear = "linear"
+RETRY_AFTER_S = "1"
 
 
 IMAGE_RESPONSES = {
@@ -65,37 +52,35 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     """The app. Tests pass a registry (and warm=False to see the not-ready state)."""
     settings = settings or Settings()
     metrics = Metrics()
-    executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="inference")
+    encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="encode")
+    batchers: dict[str, Batcher] = {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.registry = registry or Registry.load(settings)
         loaded = app.state.registry.models
         log.info("serving %d model(s): %s", len(loaded), ", ".join(loaded) or "none")
+        for name, model in loaded.items():
+            batchers[name] = Batcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
+                                     settings.max_queued, encoder, metrics)
         warming = None
         if warm:
-            warming = asyncio.get_running_loop().run_in_executor(executor, _warm_all, app.state.registry,
+            warming = asyncio.get_running_loop().run_in_executor(encoder, _warm_all, app.state.registry,
                                                                  settings)
         yield
         if warming:
-            await warming  # let a warm-up still running finish before the pool goes
-        executor.shutdown(wait=False, cancel_futures=True)
+            await warming  # let a warm-up still running finish before the threads go
+        for batcher in batchers.values():
+            batcher.close()
+        metrics.worker_exits()
+        encoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="digit-gen", version="0.1.0", lifespan=lifespan,
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
                            expose_headers=["X-Seed", "X-Seed-To", "X-Model"])
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
     def resolve(request: Request, name: str | None, endpoint: str) -> LoadedModel:
         reg: Registry = request.app.state.registry
@@ -108,117 +93,89 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                                             f"available: {', '.join(reg.models) or 'none'}")
         return reg.models[name]
 
-    async def infer(model: LoadedModel, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        started = time.perf_counter()
-        images = await asyncio.get_running_loop().run_in_executor(executor, model.run, z, y)
-        metrics.inference.labels(model.name).observe(time.perf_counter() - started)
-        metrics.batch.labels(model.name).observe(len(z))
-        return images
+    async def respond(model: LoadedModel, size: int, inputs: Inputs, fmt: str, nrow: int, scale: int,
+                      info: dict) -> Response:
+        """Queue the request on the model's batcher; its images come back encoded as `fmt`."""
+        try:
+            future = batchers[model.name].submit(size, inputs,
+                                                 partial(render, fmt=fmt, nrow=nrow, scale=scale, info=info))
+        except QueueFull as full:
+            raise HTTPException(503, detail=f"{full}; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
+        return await future
 
-    async def render(images: np.ndarray, fmt: str, nrow: int, scale: int, info: dict) -> Response:
-        headers = {"X-Model": info["model"], "X-Seed": str(info["seed"])}
-        if "seed_to" in info:
-            headers["X-Seed-To"] = str(info["seed_to"])
-        loop = asyncio.get_running_loop()
-        if fmt == "json":
-            encoded = await loop.run_in_executor(executor, imaging.png_list, images, scale)
-            side = IMAGE_SIZE * scale
-            return JSONResponse({**info, "width": side, "height": side, "images": encoded}, headers=headers)
-        if fmt == "gif":
-            body = await loop.run_in_executor(executor, imaging.gif_bytes, images, scale, GIF_FRAME_MS)
-            return Response(body, media_type="image/gif", headers=headers)
-        body = await loop.run_in_executor(executor, imaging.png_grid, images, nrow, scale)
-        return Response(body, media_type="image/png", headers=headers)
+    SampleQuery, GenerateQuery, InterpolateQuery = query_models(settings)
 
-    model_q = Query(None, description="model name (GET /models); omitted: the manifest's default for this endpoint")
-    seed_q = Query(None, ge=0, le=sampling.MAX_SEED,
-                   description="random seed; the same parameters and seed give byte-identical output. "
-                               "Omitted: drawn and returned (X-Seed header, `seed` in JSON)")
-    n_q = Query(1, ge=1, le=settings.max_n, description=f"number of images, 1-{settings.max_n}")
-    nrow_q = Query(DEFAULT_NROW, ge=1, le=settings.max_n, description="images per row of the PNG grid")
-    scale_q = Query(1, ge=1, le=settings.max_scale,
-                    description=f"integer upscaling of each 28x28 image, nearest neighbour, 1-{settings.max_scale}")
-    format_q = Query(ImageFormat.png, description="png: one grid image; json: one base64 PNG per image")
-
-    @app.get("/sample", responses=IMAGE_RESPONSES, summary="Random digits")
-    async def sample(request: Request, model: str | None = model_q, n: int = n_q, seed: int | None = seed_q,
-                     format: ImageFormat = format_q, nrow: int = nrow_q, scale: int = scale_q):
+    @app.get("/sample", responses=IMAGE_RESPONSES, summary="Random digits", openapi_extra=openapi_query(SampleQuery))
+    async def sample(request: Request):
         """n images from a model. A conditional model draws a random class per image (listed in JSON as `digits`)."""
-        loaded = resolve(request, model, "sample")
-        seed = sampling.new_seed() if seed is None else seed
+        q = SampleQuery.parse(request.query_params)
+        loaded = resolve(request, q.model, "sample")
+        seed = sampling.new_seed() if q.seed is None else q.seed
         entry = loaded.entry
-        z = sampling.latents(seed, n, entry.latent_dim)
         info = {"model": loaded.name, "seed": seed}
-        y = None
+        classes = None
         if entry.conditional:
-            classes = sampling.random_classes(seed, n, entry.num_classes)
-            y = sampling.one_hot(classes, entry.num_classes)
+            classes = sampling.random_classes(seed, q.n, entry.num_classes)
             info["digits"] = classes.tolist()
-        return await render(await infer(loaded, z, y), format.value, nrow, scale, info)
 
-    @app.get("/generate", responses=IMAGE_RESPONSES, summary="Digits of one class")
-    async def generate(request: Request,
-                       digit: int = Query(..., ge=0, le=9, description="the class to draw, 0-9"),
-                       model: str | None = model_q, n: int = n_q, seed: int | None = seed_q,
-                       format: ImageFormat = format_q, nrow: int = nrow_q, scale: int = scale_q):
+        def inputs():
+            y = None if classes is None else sampling.one_hot(classes, entry.num_classes)
+            return sampling.latents(seed, q.n, entry.latent_dim), y
+        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
+
+    @app.get("/generate", responses=IMAGE_RESPONSES, summary="Digits of one class",
+             openapi_extra=openapi_query(GenerateQuery))
+    async def generate(request: Request):
         """n images of one digit from a conditional model."""
-        loaded = resolve(request, model, "generate")
+        q = GenerateQuery.parse(request.query_params)
+        loaded = resolve(request, q.model, "generate")
         entry = loaded.entry
         if not entry.conditional:
             raise query_error("model", f"model {loaded.name!r} is not conditional; /generate needs one of: "
                                        f"{', '.join(_conditional(request)) or 'none loaded'}")
-        if digit >= entry.num_classes:
+        if q.digit >= entry.num_classes:
             raise query_error("digit", f"model {loaded.name!r} has classes 0-{entry.num_classes - 1}")
-        seed = sampling.new_seed() if seed is None else seed
-        z = sampling.latents(seed, n, entry.latent_dim)
-        y = sampling.one_hot([digit] * n, entry.num_classes)
-        info = {"model": loaded.name, "seed": seed, "digit": digit}
-        return await render(await infer(loaded, z, y), format.value, nrow, scale, info)
+        seed = sampling.new_seed() if q.seed is None else q.seed
+        info = {"model": loaded.name, "seed": seed, "digit": q.digit}
+
+        def inputs():
+            return (sampling.latents(seed, q.n, entry.latent_dim),
+                    sampling.one_hot([q.digit] * q.n, entry.num_classes))
+        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
 
     @app.get("/interpolate", responses=IMAGE_RESPONSES | {200: {
         "content": {"image/png": {}, "image/gif": {}, "application/json": {}},
         "description": "the frames as one strip PNG, an animated GIF, or JSON with one base64 PNG per frame"}},
-        summary="A walk between two latent points and/or two classes")
-    async def interpolate(
-            request: Request, model: str | None = model_q,
-            steps: int = Query(8, ge=2, le=settings.max_steps,
-                               description=f"frames, both ends included, 2-{settings.max_steps}"),
-            seed: int | None = seed_q,
-            seed_to: int | None = Query(None, ge=0, le=sampling.MAX_SEED,
-                                        description="seed of the end point's z. Omitted: the same z as `seed` "
-                                                    "when digit_to is given (a pure class blend), else seed + 1"),
-            digit: int | None = Query(None, ge=0, le=9, description="conditional models: the start class "
-                                                                     "(omitted: drawn from the seed)"),
-            digit_to: int | None = Query(None, ge=0, le=9, description="conditional models: the end class; the "
-                                                                        "class vector is blended linearly "
-                                                                        "(omitted: the start class)"),
-            method: Method = Query(Method.slerp, description="slerp (default) or linear path between the z"),
-            format: WalkFormat = Query(WalkFormat.png, description="png: one strip; gif: animated; json: "
-                                                                   "one base64 PNG per frame"),
-            scale: int = scale_q):
+        summary="A walk between two latent points and/or two classes", openapi_extra=openapi_query(InterpolateQuery))
+    async def interpolate(request: Request):
         """Frames from the z of `seed` to the z of `seed_to` and, for a conditional model, from class `digit`
         to class `digit_to` with the same z, or both at once."""
-        loaded = resolve(request, model, "interpolate")
+        q = InterpolateQuery.parse(request.query_params)
+        loaded = resolve(request, q.model, "interpolate")
         entry = loaded.entry
-        for name, value in (("digit", digit), ("digit_to", digit_to)):
+        for name, value in (("digit", q.digit), ("digit_to", q.digit_to)):
             if value is not None and not entry.conditional:
                 raise query_error(name, f"model {loaded.name!r} is not conditional: it takes no class")
             if value is not None and value >= entry.num_classes:
                 raise query_error(name, f"model {loaded.name!r} has classes 0-{entry.num_classes - 1}")
-        seed = sampling.new_seed() if seed is None else seed
+        seed = sampling.new_seed() if q.seed is None else q.seed
+        seed_to = q.seed_to
         if seed_to is None:
-            seed_to = seed if digit_to is not None else (seed + 1) % (sampling.MAX_SEED + 1)
-        z = sampling.walk(sampling.latents(seed, 1, entry.latent_dim)[0],
-                          sampling.latents(seed_to, 1, entry.latent_dim)[0], steps, method.value)
-        info = {"model": loaded.name, "seed": seed, "seed_to": seed_to, "steps": steps, "method": method.value}
-        y = None
+            seed_to = seed if q.digit_to is not None else (seed + 1) % (sampling.MAX_SEED + 1)
+        info = {"model": loaded.name, "seed": seed, "seed_to": seed_to, "steps": q.steps, "method": q.method}
         if entry.conditional:
-            digit = int(sampling.random_classes(seed, 1, entry.num_classes)[0]) if digit is None else digit
-            digit_to = digit if digit_to is None else digit_to
-            ends = sampling.one_hot([digit, digit_to], entry.num_classes)
-            y = sampling.linear(ends[0], ends[1], np.linspace(0.0, 1.0, steps))
+            digit = int(sampling.random_classes(seed, 1, entry.num_classes)[0]) if q.digit is None else q.digit
+            digit_to = digit if q.digit_to is None else q.digit_to
             info |= {"digit": digit, "digit_to": digit_to}
-        return await render(await infer(loaded, z, y), format.value, steps, scale, info)
+
+        def inputs():
+            z = sampling.walk(sampling.latents(seed, 1, entry.latent_dim)[0],
+                              sampling.latents(seed_to, 1, entry.latent_dim)[0], q.steps, q.method)
+            if not entry.conditional:
+                return z, None
+            ends = sampling.one_hot([info["digit"], info["digit_to"]], entry.num_classes)
+            return z, sampling.linear(ends[0], ends[1], np.linspace(0.0, 1.0, q.steps))
+        return await respond(loaded, q.steps, inputs, q.format, q.steps, q.scale, info)
 
     def describe(reg: Registry, model: LoadedModel) -> dict:
         e = model.entry
@@ -252,9 +209,51 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def render(images: np.ndarray, fmt: str, nrow: int, scale: int, info: dict) -> Response:
+    """One request's images as its response: a PNG grid, a GIF, or JSON with one base64 PNG per image.
+    Runs on an encode thread, so the event loop only moves bytes."""
+    headers = {"X-Model": info["model"], "X-Seed": str(info["seed"])}
+    if "seed_to" in info:
+        headers["X-Seed-To"] = str(info["seed_to"])
+    if fmt == "json":
+        side = IMAGE_SIZE * scale
+        return JSONResponse({**info, "width": side, "height": side, "images": imaging.png_list(images, scale)},
+                            headers=headers)
+    if fmt == "gif":
+        return Response(imaging.gif_bytes(images, scale, GIF_FRAME_MS), media_type="image/gif", headers=headers)
+    return Response(imaging.png_grid(images, nrow, scale), media_type="image/png", headers=headers)
+
+
+class RequestMetrics:
+    """Counts requests and their latency by route and status: a plain ASGI middleware (BaseHTTPMiddleware
+    costs a task and a stream per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
 def _warm_all(registry: Registry, settings: Settings) -> None:

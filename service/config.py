@@ -6,16 +6,28 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def available_cpus() -> int:
-    """CPUs this process may run on (affinity, not the host's count)."""
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (`docker run --cpus`),
+    which affinity does not show."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """ceil(quota / period) from cgroup v2's cpu.max ("max 100000" when unlimited), or None."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else -(-int(quota) // int(period))
+    except (OSError, ValueError):
+        return None
 
 
 class Settings(BaseSettings):
@@ -24,12 +36,34 @@ class Settings(BaseSettings):
     models_dir: Path = Field(Path("exported"), description="folder with manifest.json and the ONNX files")
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: CUDA or a warned fallback")
-    intra_op_threads: int = Field(default_factory=available_cpus, ge=1,
-                                  description="ONNX Runtime threads per inference (default: the CPUs available)")
-    inference_threads: int = Field(2, ge=1, description="inferences that may run at once, off the event loop")
+    workers: int | None = Field(None, ge=1, description="uvicorn worker processes, each with every model. "
+                                                         "Default: 1 on CUDA, else one per available CPU")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per inference. Default: "
+                                                                 "the available CPUs shared out among the workers")
+    encode_threads: int = Field(2, ge=1, description="threads that encode responses (PNG, GIF, JSON) off the event loop")
+    batch_max_size: int = Field(64, ge=1, description="most images per ONNX Runtime call when requests are "
+                                                       "batched; a single larger request runs alone")
+    batch_max_wait_ms: float = Field(0.0, ge=0, le=1000,
+                                     description="how long a batch may wait for more requests once one is queued; "
+                                                 "0: batch only what queued while the model was busy")
+    max_queued: int = Field(256, ge=1, description="requests waiting per model beyond which the service answers "
+                                                   "503 with Retry-After")
     max_n: int = Field(64, ge=1, description="largest n of /sample and /generate")
     max_steps: int = Field(64, ge=2, description="largest steps of /interpolate")
     max_scale: int = Field(8, ge=1, description="largest upscaling factor")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
+
+    @model_validator(mode="after")
+    def _share_out_cpus(self) -> Settings:
+        """Workers x ONNX Runtime threads = the CPUs: on the CPU, one process per core beats one process
+        with more threads (the event loop, not the model, is what saturates first: make bench). A GPU does
+        the model's work for every worker, so one worker batches best there."""
+        if self.workers is None:
+            from service.registry import cuda_chosen  # imports onnxruntime; not at module import
+            self.workers = 1 if cuda_chosen(self.providers) else available_cpus()
+        if self.intra_op_threads is None:
+            self.intra_op_threads = max(1, available_cpus() // self.workers)
+        return self

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """One registry per app, so two apps in one process (tests) never share counters."""
+    """One registry per app, so two apps in one process (tests) never share counters. With several
+    uvicorn workers (PROMETHEUS_MULTIPROC_DIR set by `python -m service`), values live in shared files and
+    a scrape sums every worker's."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -17,7 +22,24 @@ class Metrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("digitgen_request_seconds", "HTTP request latency by endpoint",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inference = Histogram("digitgen_inference_seconds", "ONNX Runtime time per call, by model",
+        self.inference = Histogram("digitgen_inference_seconds", "ONNX Runtime time per batched call, by model",
                                    ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch = Histogram("digitgen_inference_batch_size", "images per ONNX Runtime call, by model",
                                ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("digitgen_queue_wait_seconds", "time a request waited for its batch, by model",
+                                    ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model",
+                            ["model"], registry=self.registry, multiprocess_mode="livesum")
+
+    def worker_exits(self) -> None:
+        """Drop this worker's live gauge values from the shared files."""
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.mark_process_dead(os.getpid())
+
+    def exposition(self) -> bytes:
+        """The text a Prometheus scrape gets."""
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)
+        return generate_latest(every_worker)

@@ -36,14 +36,20 @@ def nvidia_driver_present() -> bool:
     return True
 
 
-def choose_providers(setting: str, available: list[str], driver: bool) -> list:
+def choose_providers(setting: str, available: list[str], driver: bool, quiet: bool = False) -> list:
     """The provider list to ask ONNX Runtime for: CUDA first when wanted and usable, CPU always last."""
     if setting != "cpu" and CUDA in available and (driver or setting == "cuda"):
         return [(CUDA, CUDA_OPTIONS), CPU]
-    if setting != "cpu":
+    if setting != "cpu" and not quiet:
         why = "no NVIDIA driver" if CUDA in available else f"this ONNX Runtime has no CUDA provider ({', '.join(available)})"
         log.warning("providers=%s: %s; using the CPU", setting, why)
     return [CPU]
+
+
+def cuda_chosen(setting: str) -> bool:
+    """Will the models run on CUDA with this providers setting (given ONNX Runtime and the driver here)?"""
+    first = choose_providers(setting, ort.get_available_providers(), nvidia_driver_present(), quiet=True)[0]
+    return first != CPU
 
 
 class ModelFileError(Exception):

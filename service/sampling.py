@@ -8,15 +8,21 @@ image 0 of /sample?seed=s.
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 
 import numpy as np
 
 MAX_SEED = 2**32 - 1
 
+# Seeds are not secrets: one generator seeded from the OS beats a getrandom() call per request.
+_seeds = random.Random()
+os.register_at_fork(after_in_child=_seeds.seed)  # a forked worker must not repeat its parent's seeds
+
 
 def new_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
+    """A seed for a request that gave none."""
+    return _seeds.getrandbits(32)
 
 
 def latents(seed: int, n: int, latent_dim: int) -> np.ndarray:

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -278,18 +279,21 @@ def test_the_service_never_imports_torch(models_dir):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_inference_runs_off_the_event_loop(client, monkeypatch):
+def test_inference_and_encoding_run_off_the_event_loop(client, monkeypatch):
     import threading
+    from service import imaging
     from service.registry import LoadedModel
-    threads = []
-    original = LoadedModel.run
+    threads = {}
 
-    def spy(self, z, y):
-        threads.append(threading.current_thread().name)
-        return original(self, z, y)
-    monkeypatch.setattr(LoadedModel, "run", spy)
+    def spy(name, original):
+        def wrapped(*args, **kwargs):
+            threads[name] = threading.current_thread().name
+            return original(*args, **kwargs)
+        return wrapped
+    monkeypatch.setattr(LoadedModel, "run", spy("run", LoadedModel.run))
+    monkeypatch.setattr(imaging, "png_grid", spy("png", imaging.png_grid))
     assert client.get("/sample", params={"n": 2}).status_code == 200
-    assert threads and all(name.startswith("inference") for name in threads)
+    assert threads["run"] == "batch-gan" and threads["png"].startswith("encode")
 
 
 def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch, capsys):
@@ -298,3 +302,78 @@ def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch
     monkeypatch.delenv("DIGITGEN_MODELS_DIR", raising=False)
     assert main(["--models-dir", str(models_dir)]) == 2
     assert "DIGITGEN_PROVIDERS='gpu'" in capsys.readouterr().err
+
+
+# --- workers and settings ------------------------------------------------------------------------------
+
+def test_settings_share_the_cpus_out_among_the_workers(monkeypatch):
+    from service import config
+    monkeypatch.setattr(config, "available_cpus", lambda: 8)
+    assert (Settings(providers="cpu").workers, Settings(providers="cpu").intra_op_threads) == (8, 1)
+    assert Settings(providers="cpu", workers=2).intra_op_threads == 4
+    assert Settings(providers="cpu", workers=16).intra_op_threads == 1
+    assert Settings(workers=1, intra_op_threads=3).intra_op_threads == 3
+    monkeypatch.setattr("service.registry.cuda_chosen", lambda setting: True)
+    assert Settings().workers == 1 and Settings().intra_op_threads == 8  # one worker feeds the GPU
+
+
+def test_metrics_add_up_across_workers(models_dir, tmp_path):
+    """Two uvicorn workers, each answering some of the requests; one scrape counts them all."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    (shared / "counter_1.db").write_bytes(b"stale")  # left by an earlier run: must not be counted
+    env = os.environ | {"PROMETHEUS_MULTIPROC_DIR": str(shared), "DIGITGEN_LOG_LEVEL": "warning"}
+    server = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "2",
+                               "--models-dir", str(models_dir)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        sent = 0
+        while sent < 20 or len(workers_with_counts(shared)) < 2:  # until both have answered (the second
+            assert sent < 2000, "one worker never answered"      # may start a moment after the first)
+            # a new connection each time: the workers take turns accepting
+            assert urllib.request.urlopen(f"{url}/sample?model=gan&seed={sent}", timeout=10).status == 200
+            sent += 1
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert f'digitgen_requests_total{{endpoint="/sample",status="200"}} {sent}.0' in text
+    assert f'digitgen_inference_batch_size_sum{{model="gan"}} {sent}.0' in text
+
+
+def workers_with_counts(folder):
+    return {p.stem.split("_")[-1] for p in folder.glob("counter_*.db")} - {"1"}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (28, 28), (28, 56), (224, 224), (5, 300)])
+def test_png_encoder_round_trips_through_pillow(shape):
+    from service.imaging import png_bytes
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.open(io.BytesIO(png_bytes(pixels)))
+    image.verify()  # chunk CRCs and structure
+    image = Image.open(io.BytesIO(png_bytes(pixels)))
+    assert image.mode == "L" and image.size == shape[::-1]
+    assert np.array_equal(np.asarray(image), pixels)
+
+
+@pytest.mark.parametrize("text, cpus", [("max 100000", None), ("150000 100000", 2), ("200000 100000", 2),
+                                        ("50000 100000", 1), ("garbage", None)])
+def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, text, cpus):
+    from service.config import _cgroup_cpu_quota
+    (tmp_path / "cpu.max").write_text(text + "\n")
+    assert _cgroup_cpu_quota(tmp_path / "cpu.max") == cpus
+    assert _cgroup_cpu_quota(tmp_path / "missing") is None

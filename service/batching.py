@@ -1,0 +1,154 @@
+"""Dynamic batching: concurrent requests for one model share one ONNX Runtime call.
+
+Each model has a queue and one thread that takes what is queued (up to `max_batch` images, waiting at
+most `max_wait` for more once the first job is in), runs the model once on the stacked inputs and
+hands each job its own rows. The models are exported in eval mode, so a row depends only on its own
+inputs: a request's output is the same whatever it was batched with (tested).
+
+The queue is bounded: a job that finds `max_queued` jobs waiting is refused with `QueueFull` (the app
+answers 503 with Retry-After) rather than piling up latency without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from service import imaging
+from service.metrics import Metrics
+from service.registry import LoadedModel
+
+log = logging.getLogger("digitgen.batching")
+
+
+class QueueFull(Exception):
+    """The model's queue is at its bound; try again shortly."""
+
+
+Inputs = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+@dataclass
+class Job:
+    size: int  # images
+    inputs: Inputs  # -> z [size, latent_dim], y [size, num_classes] or None; run on the batch thread
+    finish: Callable[[np.ndarray], Any]  # this job's pixels [size, 28, 28] uint8 -> its response
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """One model's queue and the thread that serves it."""
+
+    def __init__(self, model: LoadedModel, max_batch: int, max_wait_s: float, max_queued: int,
+                 finisher: Executor, metrics: Metrics):
+        self.model, self.max_batch, self.max_wait_s, self.max_queued = model, max_batch, max_wait_s, max_queued
+        self._finisher = finisher  # encodes a batch's responses while the next batch runs
+        self._jobs: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._queue_wait = metrics.queue_wait.labels(model.name)
+        self._inference = metrics.inference.labels(model.name)
+        self._batch = metrics.batch.labels(model.name)
+        self._queued = metrics.queued.labels(model.name)
+        self._thread = threading.Thread(target=self._serve, name=f"batch-{model.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any]) -> asyncio.Future:
+        """Queue a job from the event loop; await the returned future for `finish(pixels)`. The inputs
+        are drawn on the batch thread: numpy calls release the GIL, and each release on the event loop
+        lets another thread in ahead of the next request."""
+        future = asyncio.get_running_loop().create_future()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError(f"model {self.model.name}: the batcher is closed")
+            if len(self._jobs) >= self.max_queued:
+                raise QueueFull(f"model {self.model.name}: {len(self._jobs)} requests queued")
+            self._jobs.append(Job(size, inputs, finish, future))
+            self._queued.inc()
+            self._wake.notify()
+        return future
+
+    def close(self) -> None:
+        """Stop after the jobs already queued."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _take(self) -> list[Job] | None:
+        """The next batch: the jobs queued now, in order, up to max_batch images, waiting until max_wait
+        after the oldest arrived for the batch to fill. One job larger than max_batch runs alone."""
+        with self._wake:
+            while not self._jobs:
+                if self._closed:
+                    return None
+                self._wake.wait()
+            deadline = self._jobs[0].enqueued + self.max_wait_s
+            while not self._closed and sum(j.size for j in self._jobs) < self.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            batch = [self._jobs.popleft()]
+            images = batch[0].size
+            while self._jobs and images + self._jobs[0].size <= self.max_batch:
+                images += self._jobs[0].size
+                batch.append(self._jobs.popleft())
+            self._queued.dec(len(batch))
+        return batch
+
+    def _serve(self) -> None:
+        while (batch := self._take()) is not None:
+            started = time.perf_counter()
+            for job in batch:
+                self._queue_wait.observe(started - job.enqueued)
+            try:
+                zs, ys = zip(*(job.inputs() for job in batch))
+                z = np.concatenate(zs) if len(batch) > 1 else zs[0]
+                y = None if ys[0] is None else np.concatenate(ys) if len(batch) > 1 else ys[0]
+                ran = time.perf_counter()
+                pixels = imaging.to_uint8(self.model.run(z, y))  # one conversion per batch
+            except Exception as err:  # the model failed: every job of the batch gets the error
+                log.error("model %s: inference failed for a batch of %d: %s", self.model.name,
+                          sum(job.size for job in batch), err)
+                _resolve(batch, [err] * len(batch))
+                continue
+            self._inference.observe(time.perf_counter() - ran)
+            self._batch.observe(len(pixels))
+            self._finisher.submit(_finish, batch, pixels)
+
+
+def _finish(batch: list[Job], pixels: np.ndarray) -> None:
+    """Split the batch's pixels back per job, encode each job's response, hand them to the event loop."""
+    results, start = [], 0
+    for job in batch:
+        try:
+            results.append(job.finish(pixels[start:start + job.size]))
+        except Exception as err:
+            results.append(err)
+        start += job.size
+    _resolve(batch, results)
+
+
+def _resolve(batch: list[Job], results: list) -> None:
+    """One call into the event loop per batch (not per job) sets every job's future."""
+    batch[0].future.get_loop().call_soon_threadsafe(_set_results, batch, results)
+
+
+def _set_results(batch: list[Job], results: list) -> None:
+    for job, result in zip(batch, results):
+        if job.future.done():  # the client went away and the request was cancelled
+            continue
+        if isinstance(result, Exception):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)

@@ -1,0 +1,317 @@
+"""Load benchmark of the HTTP service: the service against a plain baseline and the HTTP ceiling.
+
+Three servers run side by side on this machine under one load generator (wrk, installed from Debian's
+packages when missing), each after a warm-up, with the same uvicorn stack (loop, HTTP parser, workers,
+no access log):
+  baseline  tests/benchmarks/servers/baseline.py: sync FastAPI endpoint, one session.run per request,
+            Pillow PNG, the bundled cgan
+  ceiling   tests/benchmarks/servers/ceiling.py: a constant, pre-encoded PNG from an async endpoint
+  service   python -m service on exported/ (dynamic batching, `make serve`'s defaults)
+Loads: GET /generate?digit=3&n=1 at concurrency 1, 16 and 64, GET /sample?n=64 at concurrency 16;
+the loads are interleaved across the servers (each round runs every server at one load before the
+next load). Then the in-process limit (ONNX Runtime + PNG encoding in a loop, no HTTP) and the
+service's resident memory over a run at concurrency 64.
+
+    python tests/benchmarks/serve_throughput.py [--seconds 10] [--memory-seconds 60] [--rounds 1]
+        [--workers 1] [--variant NAME:DIGITGEN_X=V,...] [--out tests/benchmarks/results]
+
+--variant adds a service configuration (its environment) as another server, for before/after checks.
+Writes OUT/serve_throughput.json and OUT/serve_throughput.png (throughput against concurrency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVERS_DIR = Path(__file__).resolve().parent / "servers"
+GENERATE = "/generate?digit=3&n=1"
+SAMPLE = "/sample?n=64"
+LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16)]  # path, images, concurrency
+STATS_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %d, "seconds": %.4f, "p50_ms": %.3f, "p99_ms": %.3f, '
+    .. '"socket_errors": %d, "non_2xx": %d}\\n', summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+"""
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_path: str = GENERATE
+    port: int = 0
+    process: subprocess.Popen | None = None
+    log: object = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def ensure_wrk() -> str:
+    """wrk's path; installs Debian's package when it is missing (root or password-less sudo)."""
+    if path := shutil.which("wrk"):
+        return path
+    if not shutil.which("apt-get"):
+        sys.exit("error: wrk is not installed and there is no apt-get to install it with")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    print("installing wrk: apt-get update && apt-get install -y wrk", flush=True)
+    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        if subprocess.run(sudo + step).returncode != 0:
+            sys.exit(f"error: `{' '.join(sudo + step)}` failed; install wrk and run again")
+    return shutil.which("wrk") or sys.exit("error: wrk still not found after installing it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def uvicorn_app(module: str, workers: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "--factory", f"{module}:create_app", "--app-dir", str(SERVERS_DIR),
+            "--host", "127.0.0.1", "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+
+
+def start(server: Server) -> None:
+    server.port = free_port()
+    command = server.command + ["--port", str(server.port)]
+    env = os.environ | server.env
+    server.log = tempfile.TemporaryFile()  # a pipe nobody reads could fill up and stall the server
+    server.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server.log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            server.log.seek(0)
+            sys.exit(f"error: {server.name} exited at startup:\n{server.log.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(server.url + server.ready_path, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    sys.exit(f"error: {server.name} was not ready within 120 s")
+
+
+def stop(server: Server) -> None:
+    if server.process and server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+def wrk(binary: str, script: str, url: str, concurrency: int, seconds: float) -> dict:
+    out = subprocess.run([binary, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", script, url],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    result["rps"] = result["requests"] / result["seconds"]
+    result["errors"] = result["socket_errors"] + result["non_2xx"]
+    return result
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its children (uvicorn workers)."""
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+            total += int(next(l for l in status.splitlines() if l.startswith("VmRSS:")).split()[1]) * 1024
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def in_process_limit(n: int, seconds: float) -> float:
+    """Images/s of the service's own session settings and PNG encoding in a loop: no HTTP, no batching."""
+    from service import imaging, sampling
+    from service.config import Settings, available_cpus
+    from service.registry import Registry
+    model = Registry.load(Settings(workers=1, intra_op_threads=available_cpus())).models["cgan"]
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        z = sampling.latents(count, n, model.entry.latent_dim)
+        y = sampling.one_hot(sampling.random_classes(count, n, 10), 10)
+        imaging.png_grid(imaging.to_uint8(model.run(z, y)), 8)
+        count += 1
+    return count * n / (time.perf_counter() - started)
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, assignments = text.partition(":")
+    env = dict(a.split("=", 1) for a in assignments.split(",") if a)
+    if not name or not env:
+        sys.exit(f"error: --variant {text!r}: expected NAME:VARIABLE=VALUE[,VARIABLE=VALUE]")
+    return name, env
+
+
+def table(results: dict, servers: list[str]) -> str:
+    rows = ["| server | request | concurrency | req/s | images/s | p50 ms | p99 ms | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path, images, concurrency in LOADS:
+        for name in servers:
+            r = results[name][f"{path} c{concurrency}"]
+            rows.append(f"| {name} | `{path}` | {concurrency} | {r['rps']:,.0f} | {r['rps'] * images:,.0f} | "
+                        f"{r['p50_ms']:.2f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, servers: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels = [c for p, _, c in LOADS if p == GENERATE]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for name in servers:
+        ax.plot(levels, [results[name][f"{GENERATE} c{c}"]["rps"] for c in levels], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent connections")
+    ax.set_ylabel("requests/s")
+    ax.set_title(f"GET {GENERATE}", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10, help="length of each measured run")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring a server")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run; the table gives medians")
+    parser.add_argument("--memory-seconds", type=float, default=60, help="0 skips the memory run")
+    parser.add_argument("--workers", type=int, help="uvicorn worker processes of every server "
+                                                    "(default: the service's own default here)")
+    parser.add_argument("--servers", default="baseline,ceiling,service")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:DIGITGEN_X=V,... another service")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args()
+    binary = ensure_wrk()
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+
+    from service.config import Settings
+    args.workers = args.workers or Settings().workers
+    service_env = {"DIGITGEN_WORKERS": str(args.workers)}
+    service = [sys.executable, "-m", "service"]
+    known = {"baseline": Server("baseline", uvicorn_app("baseline", args.workers)),
+             "ceiling": Server("ceiling", uvicorn_app("ceiling", args.workers)),
+             "service": Server("service", service, service_env, ready_path="/readyz")}
+    servers = [known[name] for name in args.servers.split(",")]
+    servers += [Server(name, service, service_env | env, ready_path="/readyz") for name, env in map(parse_variant, args.variant)]
+    names = [s.name for s in servers]
+
+    results: dict[str, dict[str, dict]] = {name: {} for name in names}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        script.write(STATS_LUA)
+        script.flush()
+        try:
+            for server in servers:
+                start(server)
+                wrk(binary, script.name, server.url + GENERATE, 16, args.warmup)
+                wrk(binary, script.name, server.url + SAMPLE, 4, 1)
+            runs: dict[tuple[str, str], list[dict]] = {}
+            for _ in range(args.rounds):
+                for path, _, concurrency in LOADS:
+                    for server in servers:
+                        key = f"{path} c{concurrency}"
+                        run = wrk(binary, script.name, server.url + path, concurrency, args.seconds)
+                        runs.setdefault((server.name, key), []).append(run)
+                        print(f"{server.name:10} {key:28} {run['rps']:8.0f} req/s  p50 {run['p50_ms']:6.2f} ms  "
+                              f"p99 {run['p99_ms']:6.1f} ms  errors {run['errors']}", flush=True)
+            for (name, key), measured in runs.items():
+                results[name][key] = {k: statistics.median(r[k] for r in measured) for k in measured[0]}
+            for server in servers:
+                if server.name != "service":
+                    stop(server)
+            memory = None
+            main_service = next((s for s in servers if s.name == "service"), None)
+            if args.memory_seconds and main_service:
+                before = rss_bytes(main_service.process.pid)
+                run = wrk(binary, script.name, main_service.url + GENERATE, 64, args.memory_seconds)
+                after = rss_bytes(main_service.process.pid)
+                memory = {"seconds": args.memory_seconds, "rss_before_mib": before / 2**20,
+                          "rss_after_mib": after / 2**20, "growth": after / before - 1, "rps": run["rps"],
+                          "errors": run["errors"]}
+        finally:
+            for server in servers:
+                stop(server)
+
+    limits = {n: in_process_limit(n, args.seconds / 2) for n in (1, 64)}
+    print()
+    print(table(results, names))
+    print(f"\nin-process limit (ONNX Runtime + PNG encoding, no HTTP): n=1 {limits[1]:,.0f} images/s, "
+          f"n=64 {limits[64]:,.0f} images/s")
+    if "service" in results:
+        s, c64 = results["service"], f"{GENERATE} c64"
+        lines = []
+        if "baseline" in results:
+            lines.append(f"/generate c64: {s[c64]['rps'] / results['baseline'][c64]['rps']:.2f}x the baseline's req/s "
+                         f"(target >= 2.5x)")
+        if "ceiling" in results:
+            lines.append(f"/generate c64: {s[c64]['rps'] / results['ceiling'][c64]['rps']:.0%} of the ceiling "
+                         f"(target >= 50%); p99 {s[c64]['p99_ms']:.1f} ms (target <= 50)")
+        lines.append(f"/generate c1: p50 {s[f'{GENERATE} c1']['p50_ms']:.2f} ms (target <= 2)")
+        lines.append(f"/sample?n=64: {s[f'{SAMPLE} c16']['rps'] * 64 / limits[64]:.0%} of the in-process "
+                     f"images/s (target >= 80%)")
+        if memory:
+            lines.append(f"memory: RSS {memory['rss_before_mib']:.0f} -> {memory['rss_after_mib']:.0f} MiB "
+                         f"({memory['growth']:+.1%}) over {memory['seconds']:.0f} s at c64, "
+                         f"{memory['rps']:,.0f} req/s, {memory['errors']} errors (target < +10%)")
+        print("\n".join(lines))
+    machine = {"cpu": _cpu_name(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+               "onnxruntime": _version("onnxruntime-gpu") or _version("onnxruntime"), "uvicorn": _version("uvicorn"), "fastapi": _version("fastapi"),
+               "uvloop": _version("uvloop"), "httptools": _version("httptools"), "workers": args.workers}
+    print(f"machine: {json.dumps(machine)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine, "seconds": args.seconds, "rounds": args.rounds, "results": results,
+              "in_process_images_per_s": limits, "memory": memory}
+    (args.out / "serve_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, [n for n in ("baseline", "ceiling", "service") if n in results], args.out / "serve_throughput.png")
+    print(f"wrote {args.out / 'serve_throughput.json'} and {args.out / 'serve_throughput.png'}")
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
