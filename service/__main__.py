@@ -13,9 +13,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import uvicorn
 from pydantic import ValidationError
 
+from service import workers
 from service.config import Settings
 from service.manifest import ManifestError, load_manifest
 
@@ -48,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["DIGITGEN_WORKERS"] = str(settings.workers)  # the workers share the CPUs out the same way
+    config = {"app": "service.app:create_app", "factory": True, "host": args.host, "port": args.port,
+              "log_level": settings.log_level, "access_log": settings.access_log}
     with shared_metrics(settings.workers):
-        uvicorn.run("service.app:create_app", factory=True, host=args.host, port=args.port, workers=settings.workers,
-                    log_level=settings.log_level, access_log=settings.access_log)
-    return 0
+        try:
+            return workers.run(config, settings.workers)
+        except OSError as err:
+            print(f"error: --host {args.host} --port {args.port}: {err.strerror or err}", file=sys.stderr)
+            return 2
 
 
 @contextmanager

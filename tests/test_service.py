@@ -317,8 +317,9 @@ def test_settings_share_the_cpus_out_among_the_workers(monkeypatch):
     assert Settings().workers == 1 and Settings().intra_op_threads == 8  # one worker feeds the GPU
 
 
-def test_metrics_add_up_across_workers(models_dir, tmp_path):
-    """Two uvicorn workers, each answering some of the requests; one scrape counts them all."""
+@pytest.fixture
+def two_workers(models_dir, tmp_path):
+    """`python -m service --workers 2` on a free port, with its metric files in a folder we can read."""
     import os
     import socket
     import subprocess
@@ -335,24 +336,69 @@ def test_metrics_add_up_across_workers(models_dir, tmp_path):
                                "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
+        for _ in range(300):  # until both workers listen (one socket each) and answer
             try:
-                urllib.request.urlopen(url + "/healthz", timeout=1)
-                break
+                if listening_sockets(port) == 2 and urllib.request.urlopen(url + "/healthz", timeout=1):
+                    break
             except OSError:
-                time.sleep(0.1)
-        sent = 0
-        while sent < 20 or len(workers_with_counts(shared)) < 2:  # until both have answered (the second
-            assert sent < 2000, "one worker never answered"      # may start a moment after the first)
-            # a new connection each time: the workers take turns accepting
-            assert urllib.request.urlopen(f"{url}/sample?model=gan&seed={sent}", timeout=10).status == 200
-            sent += 1
-        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+                pass
+            time.sleep(0.1)
+        yield url, port, shared
     finally:
         server.terminate()
         server.wait(30)
-    assert f'digitgen_requests_total{{endpoint="/sample",status="200"}} {sent}.0' in text
-    assert f'digitgen_inference_batch_size_sum{{model="gan"}} {sent}.0' in text
+
+
+def listening_sockets(port: int) -> int:
+    lines = open("/proc/net/tcp").read().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
+
+
+def test_metrics_add_up_across_workers(two_workers):
+    """Two uvicorn workers, each answering some of the requests; one scrape counts them all."""
+    import time
+    import urllib.request
+    url, _, shared = two_workers
+    sent = 0
+    while sent < 20 or len(workers_with_counts(shared)) < 2:  # until both have answered
+        assert sent < 2000, "one worker never answered"
+        assert urllib.request.urlopen(f"{url}/sample?model=gan&seed={sent}", timeout=10).status == 200
+        sent += 1
+    expected = [f'digitgen_requests_total{{endpoint="/sample",status="200"}} {sent}.0',
+                f'digitgen_inference_batch_size_sum{{model="gan"}} {sent}.0']
+    for _ in range(50):  # a worker counts a request just after sending its response
+        text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        if all(line in text for line in expected):
+            break
+        time.sleep(0.05)
+    assert all(line in text for line in expected), text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="one SO_REUSEPORT socket per worker is Linux only")
+def test_workers_share_a_burst_of_persistent_connections(two_workers):
+    """32 keep-alive connections opened at once (a proxy's pool): each worker gets a fair share."""
+    import http.client
+    import time
+    from prometheus_client.mmap_dict import MmapedDict
+    _, port, shared = two_workers
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(32)]
+    for c in connections:
+        c.connect()
+    for _ in range(3):
+        for c in connections:
+            c.request("GET", "/sample?model=gan")
+            response = c.getresponse()
+            assert response.status == 200
+            response.read()
+    for _ in range(50):  # a worker counts a request just after sending its response
+        served = {path.stem: sum(value for key, value, *_ in MmapedDict.read_all_values_from_file(str(path))
+                                 if "digitgen_requests_total" in key and "/sample" in key)
+                  for path in shared.glob("counter_*.db") if path.stem != "counter_1"}
+        if sum(served.values()) == 96:
+            break
+        time.sleep(0.05)
+    assert sum(served.values()) == 96 and len(served) == 2, served
+    assert min(served.values()) >= 96 * 0.2, f"requests per worker: {served}"
 
 
 def workers_with_counts(folder):

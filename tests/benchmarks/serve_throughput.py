@@ -1,8 +1,8 @@
 """Load benchmark of the HTTP service: the service against a plain baseline and the HTTP ceiling.
 
 Three servers run side by side on this machine under one load generator (wrk, installed from Debian's
-packages when missing), each after a warm-up, with the same uvicorn stack (loop, HTTP parser, workers,
-no access log):
+packages when missing), each after a warm-up, with the same stack: uvicorn (uvloop, httptools, no access
+log) in the same number of worker processes, each with its own listening socket (service/workers.py):
   baseline  tests/benchmarks/servers/baseline.py: sync FastAPI endpoint, one session.run per request,
             Pillow PNG, the bundled cgan
   ceiling   tests/benchmarks/servers/ceiling.py: a constant, pre-encoded PNG from an async endpoint
@@ -87,9 +87,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_app(module: str, workers: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "--factory", f"{module}:create_app", "--app-dir", str(SERVERS_DIR),
-            "--host", "127.0.0.1", "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+def benchmark_app(name: str, workers: int) -> list[str]:
+    return [sys.executable, str(SERVERS_DIR / "launch.py"), name, "--workers", str(workers)]
 
 
 def start(server: Server) -> None:
@@ -175,7 +174,9 @@ def table(results: dict, servers: list[str]) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for path, images, concurrency in LOADS:
         for name in servers:
-            r = results[name][f"{path} c{concurrency}"]
+            r = results[name].get(f"{path} c{concurrency}")
+            if r is None:
+                continue
             rows.append(f"| {name} | `{path}` | {concurrency} | {r['rps']:,.0f} | {r['rps'] * images:,.0f} | "
                         f"{r['p50_ms']:.2f} | {r['p99_ms']:.1f} | {r['errors']} |")
     return "\n".join(rows)
@@ -221,8 +222,8 @@ def main() -> None:
     args.workers = args.workers or Settings().workers
     service_env = {"DIGITGEN_WORKERS": str(args.workers)}
     service = [sys.executable, "-m", "service"]
-    known = {"baseline": Server("baseline", uvicorn_app("baseline", args.workers)),
-             "ceiling": Server("ceiling", uvicorn_app("ceiling", args.workers)),
+    known = {"baseline": Server("baseline", benchmark_app("baseline", args.workers)),
+             "ceiling": Server("ceiling", benchmark_app("ceiling", args.workers)),
              "service": Server("service", service, service_env, ready_path="/readyz")}
     servers = [known[name] for name in args.servers.split(",")]
     servers += [Server(name, service, service_env | env, ready_path="/readyz") for name, env in map(parse_variant, args.variant)]
@@ -236,11 +237,14 @@ def main() -> None:
             for server in servers:
                 start(server)
                 wrk(binary, script.name, server.url + GENERATE, 16, args.warmup)
+                if server.name != "ceiling":
                 wrk(binary, script.name, server.url + SAMPLE, 4, 1)
             runs: dict[tuple[str, str], list[dict]] = {}
             for _ in range(args.rounds):
                 for path, _, concurrency in LOADS:
                     for server in servers:
+                        if server.name == "ceiling" and path != GENERATE:
+                            continue  # the ceiling is the HTTP limit for one small image
                         key = f"{path} c{concurrency}"
                         run = wrk(binary, script.name, server.url + path, concurrency, args.seconds)
                         runs.setdefault((server.name, key), []).append(run)
