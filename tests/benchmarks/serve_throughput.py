@@ -238,7 +238,7 @@ def main() -> None:
                 start(server)
                 wrk(binary, script.name, server.url + GENERATE, 16, args.warmup)
                 if server.name != "ceiling":
-                wrk(binary, script.name, server.url + SAMPLE, 4, 1)
+                    wrk(binary, script.name, server.url + SAMPLE, 4, 1)
             runs: dict[tuple[str, str], list[dict]] = {}
             for _ in range(args.rounds):
                 for path, _, concurrency in LOADS:

@@ -1,7 +1,7 @@
 """The plain way to serve the bundled cgan: a sync FastAPI endpoint, one `session.run` per request, Pillow PNG.
 
-The load benchmark's reference point (run by tests/benchmarks/serve_throughput.py, not a product module):
-    uvicorn --factory tests.benchmarks.servers.baseline:create_app
+The load benchmark's reference point, not a product module: tests/benchmarks/serve_throughput.py runs it
+with `python tests/benchmarks/servers/launch.py baseline --port P --workers N`.
 """
 
 from __future__ import annotations

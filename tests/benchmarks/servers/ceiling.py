@@ -1,6 +1,6 @@
 """The HTTP limit: the same server stack returning one constant, pre-encoded 28x28 PNG from an async endpoint.
 
-Run by tests/benchmarks/serve_throughput.py: uvicorn --factory tests.benchmarks.servers.ceiling:create_app
+Run by tests/benchmarks/serve_throughput.py through launch.py, like the baseline.
 """
 
 from __future__ import annotations
