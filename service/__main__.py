@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextmanager
-def shared_metrics(workers: int):
+def shared_metrics(processes: int):
     """With several workers, each keeps its Prometheus values in files of one folder and /metrics sums
     them (prometheus_client's multiprocess mode); otherwise a scrape would see one worker's share."""
-    if workers == 1:
+    if processes == 1:
         yield
         return
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
