@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import HTTPException
+from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import sampling
@@ -29,9 +30,8 @@ class QueryModel(BaseModel):
         try:
             return cls.model_validate(query)
         except ValidationError as err:
-            raise HTTPException(422, detail=[
-                {"loc": ["query", *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
-                for e in err.errors(include_url=False, include_context=False)]) from None
+            raise HTTPException(422, detail=jsonable_encoder(
+                [{**e, "loc": ["query", *map(str, e["loc"])]} for e in err.errors(include_url=False)])) from None
 
 
 def query_models(settings: Settings) -> tuple[type[QueryModel], type[QueryModel], type[QueryModel]]:

@@ -423,3 +423,9 @@ def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, text, cpus):
     (tmp_path / "cpu.max").write_text(text + "\n")
     assert _cgroup_cpu_quota(tmp_path / "cpu.max") == cpus
     assert _cgroup_cpu_quota(tmp_path / "missing") is None
+
+
+def test_validation_errors_keep_fastapis_shape(client):
+    detail = client.get("/generate", params={"digit": 12}).json()["detail"]
+    assert detail == [{"type": "less_than_equal", "loc": ["query", "digit"],
+                       "msg": "Input should be less than or equal to 9", "input": "12", "ctx": {"le": 9}}]
