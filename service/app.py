@@ -40,6 +40,8 @@ IMAGE_RESPONSES = {
                          '{"model", "seed", "width", "height", "images": [base64 PNG, ...]}'},
     404: {"description": "unknown model; the message lists the available ones"},
     422: {"description": "a parameter out of range or not applicable; the message names it"},
+    503: {"description": "the model's queue is full (Retry-After says when to try again), or no model "
+                         "can serve this endpoint"},
 }
 
 
