@@ -49,7 +49,7 @@ def run(config: dict, workers: int) -> int:
     return 0
 
 
-def serve(config: dict, workers: int) -> int:
+def serve(config: dict, workers: int, startup_grace_s: float = STARTUP_GRACE_S) -> int:
     """Run `workers` processes of uvicorn.Config(**config) until SIGINT/SIGTERM; the exit status."""
     # Is the port free? Bound without SO_REUSEPORT, or we would join another server's group unnoticed.
     listening_socket(config["host"], config["port"], shared=False).close()
@@ -69,7 +69,7 @@ def serve(config: dict, workers: int) -> int:
         for i, (process, started) in enumerate(processes):
             if process.is_alive():
                 continue
-            if time.monotonic() - started < STARTUP_GRACE_S:
+            if time.monotonic() - started < startup_grace_s:
                 log.error("worker %s exited at startup (status %s); stopping", process.pid, process.exitcode)
                 stop.set()
                 status = 1
