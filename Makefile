@@ -10,6 +10,8 @@ PORT ?= 8000
 # The bundled models (recipes in training/bundle.py); `make train MODELS="cgan"` for a subset.
 MODELS ?=
 DEVICE ?= auto
+# Where MNIST's four IDX files are (or are downloaded to); `make train DATA_DIR=/path/to/mnist` for a local copy.
+DATA_DIR ?=
 
 .PHONY: serve test train bench bench-serve bench-train clean
 
@@ -35,7 +37,7 @@ test: $(TRAINED)
 
 # Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)
-	$(BIN)/python -m training bundle --device $(DEVICE) $(if $(MODELS),--only $(MODELS))
+	$(BIN)/python -m training bundle --device $(DEVICE) $(if $(MODELS),--only $(MODELS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 
 # Measurements, not tests: the HTTP load benchmark (installs wrk from Debian when missing), then training speed.
 bench: bench-serve bench-train

@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
-                           expose_headers=["X-Seed", "X-Seed-To", "X-Model"])
+                           expose_headers=["X-Seed", "X-Seed-To", "X-Model", "X-Truncation"])
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     def resolve(request: Request, name: str | None, endpoint: str) -> LoadedModel:
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         loaded = resolve(request, q.model, "sample")
         seed = sampling.new_seed() if q.seed is None else q.seed
         entry = loaded.entry
-        info = {"model": loaded.name, "seed": seed}
+        info = {"model": loaded.name, "seed": seed, "truncation": q.truncation}
         classes = None
         if entry.conditional:
             classes = sampling.random_classes(seed, q.n, entry.num_classes)
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 
         def inputs():
             y = None if classes is None else sampling.one_hot(classes, entry.num_classes)
-            return sampling.latents(seed, q.n, entry.latent_dim), y
+            return sampling.latents(seed, q.n, entry.latent_dim, q.truncation), y
         return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
 
     @app.get("/generate", responses=IMAGE_RESPONSES, summary="Digits of one class",
@@ -138,10 +138,10 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         if q.digit >= entry.num_classes:
             raise query_error("digit", f"model {loaded.name!r} has classes 0-{entry.num_classes - 1}")
         seed = sampling.new_seed() if q.seed is None else q.seed
-        info = {"model": loaded.name, "seed": seed, "digit": q.digit}
+        info = {"model": loaded.name, "seed": seed, "digit": q.digit, "truncation": q.truncation}
 
         def inputs():
-            return (sampling.latents(seed, q.n, entry.latent_dim),
+            return (sampling.latents(seed, q.n, entry.latent_dim, q.truncation),
                     sampling.one_hot([q.digit] * q.n, entry.num_classes))
         return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
 
@@ -164,15 +164,16 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         seed_to = q.seed_to
         if seed_to is None:
             seed_to = seed if q.digit_to is not None else (seed + 1) % (sampling.MAX_SEED + 1)
-        info = {"model": loaded.name, "seed": seed, "seed_to": seed_to, "steps": q.steps, "method": q.method}
+        info = {"model": loaded.name, "seed": seed, "seed_to": seed_to, "steps": q.steps, "method": q.method,
+                "truncation": q.truncation}
         if entry.conditional:
             digit = int(sampling.random_classes(seed, 1, entry.num_classes)[0]) if q.digit is None else q.digit
             digit_to = digit if q.digit_to is None else q.digit_to
             info |= {"digit": digit, "digit_to": digit_to}
 
         def inputs():
-            z = sampling.walk(sampling.latents(seed, 1, entry.latent_dim)[0],
-                              sampling.latents(seed_to, 1, entry.latent_dim)[0], q.steps, q.method)
+            z = sampling.walk(sampling.latents(seed, 1, entry.latent_dim, q.truncation)[0],
+                              sampling.latents(seed_to, 1, entry.latent_dim, q.truncation)[0], q.steps, q.method)
             if not entry.conditional:
                 return z, None
             ends = sampling.one_hot([info["digit"], info["digit_to"]], entry.num_classes)
@@ -219,7 +220,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
 def render(images: np.ndarray, fmt: str, nrow: int, scale: int, info: dict) -> Response:
     """One request's images as its response: a PNG grid, a GIF, or JSON with one base64 PNG per image.
     Runs on an encode thread, so the event loop only moves bytes."""
-    headers = {"X-Model": info["model"], "X-Seed": str(info["seed"])}
+    headers = {"X-Model": info["model"], "X-Seed": str(info["seed"]), "X-Truncation": str(info["truncation"])}
     if "seed_to" in info:
         headers["X-Seed-To"] = str(info["seed_to"])
     if fmt == "json":

@@ -46,6 +46,10 @@ def query_models(settings: Settings) -> tuple[type[QueryModel], type[QueryModel]
         scale: int = Field(1, ge=1, le=settings.max_scale,
                            description=f"integer upscaling of each 28x28 image, nearest neighbour, "
                                        f"1-{settings.max_scale}")
+        truncation: float = Field(1.0, gt=0, le=1,
+                                  description="0 < t <= 1: z is scaled by t toward the mean; lower t draws "
+                                              "cleaner, less varied digits (1: the model's own distribution). "
+                                              "Reported in X-Truncation and JSON")
 
     class Images(Common):
         n: int = Field(1, ge=1, le=settings.max_n, description=f"number of images, 1-{settings.max_n}")

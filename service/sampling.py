@@ -3,7 +3,8 @@
 Every random choice comes from the request's seed, so the same parameters and seed give the same
 images. For a seed s: z = default_rng(s).standard_normal((n, latent)); random classes (conditional
 /sample) come from a second stream, default_rng([s, 1]). Frame 0 of /interpolate?seed=s is therefore
-image 0 of /sample?seed=s.
+image 0 of /sample?seed=s. Truncation t scales z toward the mean (z * t, StyleGAN's psi at a zero
+mean): deterministic, continuous along walks, and t = 1 is the model's own distribution.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def new_seed() -> int:
     return _seeds.getrandbits(32)
 
 
-def latents(seed: int, n: int, latent_dim: int) -> np.ndarray:
-    """z [n, latent_dim], float32, standard normal."""
-    return np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
+def latents(seed: int, n: int, latent_dim: int, truncation: float = 1.0) -> np.ndarray:
+    """z [n, latent_dim], float32, standard normal scaled by `truncation` (0 < t <= 1): a smaller t
+    keeps z nearer the mode, trading diversity for fidelity."""
+    z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
+    return z if truncation == 1.0 else z * np.float32(truncation)
 
 
 def random_classes(seed: int, n: int, num_classes: int) -> np.ndarray:

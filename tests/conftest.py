@@ -12,8 +12,8 @@ from training.models import MODELS, model_config
 from training.trainers import train_config
 
 TINY = {
-    "vae": {"channels": "8,16", "hidden": "32", "latent_dim": "4"},
-    "cvae": {"channels": "8,16", "hidden": "32", "latent_dim": "4"},
+    "vae": {"channels": "8,16", "hidden": "32", "latent_dim": "4", "prior_flow": "2", "flow_hidden": "16"},
+    "cvae": {"channels": "8,16", "hidden": "32", "latent_dim": "4", "prior_flow": "2", "flow_hidden": "16"},
     "vae-dense": {"hidden": "64,32", "latent_dim": "4"},
     "gan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
     "cgan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
@@ -57,19 +57,35 @@ def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def digits_judged_on_mnist_5k():
+    """The suite's digit evaluator trains on mnist-5k: tests never read or download the full MNIST."""
+    from training import evaluate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(evaluate.EVALUATOR_DATASETS, "digits", "mnist-5k")
+        yield
+
+
 @pytest.fixture(scope="session")
 def quick_evaluator(digits):
-    """An evaluator trained briefly on 1,500 digits: (network, validation accuracy)."""
+    """An evaluator trained briefly on 1,500 digits and calibrated on 500 more: (network, temperature, report)."""
     from training.evaluate import train_evaluator
-    some = DigitData(digits.name, Split(digits.train.images[:1500], digits.train.labels[:1500]), digits.val,
+    some = DigitData(digits.name, Split(digits.train.images[:2000], digits.train.labels[:2000]), digits.val,
                      digits.class_names)
-    return train_evaluator(some, epochs=3, log=lambda *_: None)
+    return train_evaluator(some, epochs=3, holdout=500, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
 def evaluator_dir(tmp_path_factory, quick_evaluator) -> Path:
-    """An evaluator cache holding the quick evaluator for mnist-5k, so nothing trains the full one."""
+    """An evaluator cache holding the quick evaluator as the digits' one, so nothing trains the full one."""
+    from training.evaluate import EVALUATOR_VERSION, save_judge
     folder = tmp_path_factory.mktemp("evaluators")
-    net, accuracy = quick_evaluator
-    torch.save({"net": net.state_dict(), "accuracy": accuracy}, folder / "mnist-5k.pt")
+    save_judge(folder / f"digits-mnist-5k-v{EVALUATOR_VERSION}.pt", *quick_evaluator)
     return folder
+
+
+@pytest.fixture(scope="session")
+def judge(evaluator_dir):
+    """The quick evaluator as a judge, with mnist-5k's validation digits as the reference."""
+    from training.evaluate import load_judge
+    return load_judge("mnist-5k", cache_dir=evaluator_dir, log=lambda *_: None)

@@ -173,7 +173,10 @@ def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, mon
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 pending = [asyncio.create_task(client.get("/sample", params={"model": "gan", "seed": i}))
                            for i in range(3)]  # one runs (held), two wait: the queue is full
-                await asyncio.sleep(0.3)
+                for _ in range(200):  # until two wait behind the held one, however loaded the machine
+                    if 'digitgen_queued_requests{model="gan"} 2.0' in (await client.get("/metrics")).text:
+                        break
+                    await asyncio.sleep(0.05)
                 refused = await client.get("/sample", params={"model": "gan"})
                 gate.set()
                 return refused, await asyncio.gather(*pending), (await client.get("/metrics")).text

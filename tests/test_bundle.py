@@ -21,7 +21,7 @@ def fake_run(path, recipe, **changes):
     config = dataclasses.replace(train_config_from_args(args), **changes)
     path.mkdir()
     record = {"train": dataclasses.asdict(config),
-              "model_config": dataclasses.asdict(model_config(MODELS[recipe.model]))}
+              "model_config": dataclasses.asdict(model_config(MODELS[recipe.model], dict(args.set)))}
     (path / "config.json").write_text(json.dumps(record))
     (path / "checkpoint.pt").write_bytes(b"")
 
@@ -32,9 +32,20 @@ def test_a_run_matching_its_recipe_may_resume_even_with_another_epoch_target(tmp
 
 
 def test_a_run_with_other_settings_than_its_recipe_is_refused_by_name(tmp_path):
-    fake_run(tmp_path / "cvae", RECIPES["cvae"], kl_weight=1.0)
-    with pytest.raises(RunError, match="kl_weight 1.0 .recipe: 3.0."):
+    fake_run(tmp_path / "cvae", RECIPES["cvae"], lr_decay_start=1.0)
+    with pytest.raises(RunError, match="lr_decay_start 1.0 .recipe: 0.5."):
         check_recipe(RECIPES["cvae"], tmp_path / "cvae")
+
+
+def test_a_run_may_resume_from_another_copy_of_the_data(tmp_path):
+    fake_run(tmp_path / "gan", RECIPES["gan"], data_dir="/elsewhere/mnist")
+    check_recipe(RECIPES["gan"], tmp_path / "gan")
+
+
+def test_every_bundled_model_trains_on_the_full_mnist():
+    for recipe in RECIPES.values():
+        args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
+        assert train_config_from_args(args).dataset == "mnist", recipe.name
 
 
 def test_every_recipe_parses():

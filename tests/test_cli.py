@@ -65,6 +65,8 @@ def test_bad_flags_fail_with_a_message_naming_them(capsys, argv, named):
     (["train", "gan", "--set", "g_width=3"], "--set g_width"),
     (["train", "vae", "--loss", "minimax"], "--loss minimax"),
     (["train", "gan", "--ema-decay", "1.5"], "--ema-decay 1.5"),
+    (["train", "wgan", "--r1", "1"], "--r1 1"),
+    (["train", "gan", "--lr-decay-start", "2"], "--lr-decay-start 2"),
     (["train", "vae", "--dataset", "mnist", "--data-dir", "EMPTY"], "missing train-images-idx3-ubyte.gz"),
 ])
 def test_bad_values_fail_with_an_error_line_not_a_traceback(capsys, tmp_path, argv, named, monkeypatch):
@@ -80,5 +82,22 @@ def test_help_documents_every_flag():
     text = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True,
                           text=True, check=True).stdout
     for flag in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--latent-dim", "--seed",
-                 "--device", "--out", "--resume", "--loss", "--set"):
+                 "--device", "--out", "--resume", "--loss", "--set", "--r1", "--lr-decay-start", "--ema-decay"):
         assert flag in text
+
+
+def test_evaluate_refuses_flags_that_do_not_apply_by_name(capsys, tmp_path):
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"")
+    code, _, err = run_cli(capsys, "evaluate", str(onnx_file), "--raw")
+    assert code == 2 and "--raw" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(onnx_file), "--truncation", "0"])
+    assert "--truncation" in capsys.readouterr().err
+
+
+def test_the_evaluator_command_describes_the_cached_evaluator(capsys, evaluator_dir, monkeypatch):
+    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    code, out, err = run_cli(capsys, "evaluator")
+    assert code == 0, err
+    assert "test_accuracy" in out and "temperature" in out and "test_ece" in out

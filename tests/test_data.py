@@ -71,7 +71,35 @@ def write_idx_set(folder: Path, n_train=20, n_val=10, compress=True) -> dict[str
 
 
 def source_for(files: dict[str, bytes], mirrors) -> IdxSource:
-    return IdxSource(files={n: hashlib.md5(b).hexdigest() for n, b in files.items()}, mirrors=tuple(mirrors))
+    """The files' MD5s (of what the mirror serves) and SHA-256s of their uncompressed content."""
+    return IdxSource(files={n: hashlib.md5(b).hexdigest() for n, b in files.items()}, mirrors=tuple(mirrors),
+                     sha256={n: hashlib.sha256(gzip.decompress(b) if b[:2] == b"\x1f\x8b" else b).hexdigest()
+                             for n, b in files.items()})
+
+
+def test_a_recompressed_copy_of_the_official_content_is_accepted(tmp_path):
+    files = write_idx_set(tmp_path)
+    source = source_for(files, [])
+    name = "train-images-idx3-ubyte.gz"
+    (tmp_path / name).write_bytes(gzip.compress(gzip.decompress(files[name]), compresslevel=1, mtime=7))
+    assert (tmp_path / name).read_bytes() != files[name]
+    assert len(load_idx_dataset("mnist", tmp_path, source, tuple("0123456789")).train) == 20
+
+
+def test_a_present_file_whose_content_differs_from_the_official_one_is_refused_by_name(tmp_path):
+    files = write_idx_set(tmp_path)
+    source = source_for(files, [])
+    array = np.random.default_rng(1).integers(0, 256, (20, 28, 28))  # same shape, other pixels
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(array)))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: its uncompressed content differs "
+                                        "from the official file"):
+        load_idx_dataset("mnist", tmp_path, source, tuple("0123456789"))
+
+
+def test_mnist_checks_every_file_against_the_official_sha256():
+    from training.data import MNIST_SOURCE
+    assert set(MNIST_SOURCE.sha256) == set(MNIST_SOURCE.files)
+    assert all(len(v) == 64 for v in MNIST_SOURCE.sha256.values())
 
 
 def test_idx_dataset_loads_gzipped_and_plain_files(tmp_path):
@@ -115,6 +143,7 @@ def test_mismatched_image_and_label_counts_are_named(tmp_path):
 def test_wrong_image_size_is_named(tmp_path):
     files = write_idx_set(tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((10, 32, 32)))))
+    files["t10k-images-idx3-ubyte.gz"] = (tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes()
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: images are 32x32"):
         load_idx_dataset("mnist", tmp_path, source_for(files, []), tuple("0123456789"))
 

@@ -110,6 +110,18 @@ def test_cli_evaluates_an_onnx_file(tiny_runs, tmp_path, evaluator_dir, monkeypa
     assert "conditional accuracy" in capsys.readouterr().out and metrics["samples"] == 100
 
 
+def test_truncation_command_sweeps_every_model_and_plots(tiny_runs, tmp_path, evaluator_dir, monkeypatch, capsys):
+    out = tmp_path / "exported"
+    export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
+                      log=lambda *_: None)
+    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    assert cli(["truncation", "--models-dir", str(out), "--values", "1,0.5", "--samples", "100"]) == 0
+    sweeps = json.loads((out / "truncation.json").read_text())
+    assert [row["truncation"] for row in sweeps["tiny-cgan"]] == [1.0, 0.5]
+    assert all(0 <= row["confidence"] <= 1 and row["fid_ratio"] > 0 for row in sweeps["tiny-cgan"])
+    assert (out / "truncation.png").stat().st_size > 0
+
+
 # --- the bundled models ---------------------------------------------------------------------------
 
 def bundled_entries():

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from training import losses
@@ -52,3 +53,12 @@ def test_gradient_penalty_mixes_each_sample_with_one_weight():
     losses.gradient_penalty(critic, real, fake)
     per_sample = seen["x"].flatten(1)
     assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample))
+
+
+def test_r1_penalty_is_the_squared_slope_of_the_critic_on_real_images():
+    w = torch.randn(1, 1, 28, 28)
+
+    def critic(x, y=None):
+        return (x * w).flatten(1).sum(1)
+    r1 = losses.r1_penalty(critic, torch.rand(8, 1, 28, 28))
+    assert r1.item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)

@@ -95,3 +95,64 @@ def test_discriminator_parameter_names_stay_stable_so_old_checkpoints_resume():
     keys = list(Discriminator(GANConfig(d_channels=8)).state_dict())
     assert keys == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.3.weight", "net.3.bias",
                     "net.6.weight", "net.6.bias"]
+
+
+# --- the learned prior of the VAEs ------------------------------------------------------------------
+
+def _randomised_flow(num_classes: int = 0):
+    from training.models.flow import LatentFlow
+    torch.manual_seed(0)
+    flow = LatentFlow(dim=5, num_classes=num_classes, layers=4, hidden=16)
+    with torch.no_grad():  # off the identity it starts as
+        for p in flow.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return flow
+
+
+def test_prior_flow_log_prob_is_the_change_of_variables_density():
+    flow = _randomised_flow().double()
+    u = torch.randn(1, 5, dtype=torch.float64)
+    z = flow(u)
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v), u).reshape(5, 5)
+    normal = torch.distributions.Normal(0.0, 1.0).log_prob(u).sum()
+    expected = normal - torch.linalg.slogdet(jacobian).logabsdet
+    assert flow.log_prob(z).item() == pytest.approx(expected.item(), abs=1e-9)
+
+
+def test_prior_flow_starts_as_the_identity_and_reads_the_class():
+    from training.models.flow import LatentFlow
+    u = torch.randn(4, 6)
+    assert torch.equal(LatentFlow(6, layers=3, hidden=8)(u), u)
+    flow = _randomised_flow(num_classes=10)
+    u = torch.randn(2, 5)
+    assert not torch.allclose(flow(u, torch.eye(10)[:2]), flow(u, torch.eye(10)[2:4]))
+
+
+def test_a_vae_with_a_prior_flow_decodes_the_flows_output():
+    model = ConvVAE(ConvVAEConfig(latent_dim=5, channels=(8, 16), hidden=32, prior_flow=2, flow_hidden=8)).eval()
+    with torch.no_grad():
+        for p in model.prior.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        z = torch.randn(3, 5)
+        expected = torch.sigmoid(model.decode_logits(model.prior(z)))
+        assert torch.equal(model.generate(z), expected)
+        assert not torch.equal(model.generate(z), torch.sigmoid(model.decode_logits(z)))
+
+
+def test_spectral_normalisation_bounds_each_discriminator_layer():
+    d = Discriminator(GANConfig(d_channels=8, d_spectral=True, d_norm="none"))
+    for _ in range(30):  # power iterations run in training mode
+        d(torch.rand(4, 1, 28, 28))
+    d.eval()
+    for layer in d.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2).item()
+            assert sigma == pytest.approx(1.0, abs=0.05)
+
+
+def test_refine_blocks_deepen_the_generator_without_changing_its_output_shape():
+    plain = Generator(GANConfig(g_channels=8, latent_dim=8))
+    deeper = Generator(GANConfig(g_channels=8, latent_dim=8, g_refine=1)).eval()
+    assert sum(isinstance(m, nn.Conv2d) for m in deeper.modules()) == 2
+    assert not any(isinstance(m, nn.Conv2d) for m in plain.modules())
+    assert deeper.generate(torch.randn(2, 8)).shape == (2, 1, 28, 28)

@@ -128,6 +128,30 @@ def test_first_frame_of_a_walk_is_the_first_sample_of_its_seed(client):
     assert walk["images"][0] == sample["images"][0]
 
 
+def test_truncation_scales_z_toward_the_mean_and_is_reported(client, models_dir):
+    import onnxruntime as ort
+    from service import imaging, sampling
+    response = client.get("/sample", params={"model": "gan", "n": 3, "seed": 4, "truncation": 0.5, "format": "json"})
+    assert response.headers["x-truncation"] == "0.5" and response.json()["truncation"] == 0.5
+    session = ort.InferenceSession(str(models_dir / "gan.onnx"), providers=["CPUExecutionProvider"])
+    z = sampling.latents(4, 3, 8) * np.float32(0.5)
+    expected = imaging.to_uint8(session.run(["image"], {"z": z})[0])
+    got = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response.json()["images"]])
+    np.testing.assert_array_equal(got, expected)
+    full = client.get("/sample", params={"model": "gan", "n": 3, "seed": 4})
+    assert full.headers["x-truncation"] == "1.0" and full.content != client.get(
+        "/sample", params={"model": "gan", "n": 3, "seed": 4, "truncation": 0.5}).content
+
+
+def test_truncation_applies_to_both_ends_of_a_walk(client):
+    walk = client.get("/interpolate", params={"model": "gan", "seed": 8, "seed_to": 9, "steps": 3,
+                                              "truncation": 0.7, "format": "json"}).json()
+    for frame, seed in ((walk["images"][0], 8), (walk["images"][-1], 9)):
+        single = client.get("/sample", params={"model": "gan", "seed": seed, "truncation": 0.7, "format": "json"})
+        assert frame == single.json()["images"][0]
+    assert walk["truncation"] == 0.7
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, params, param", [
@@ -149,6 +173,9 @@ def test_first_frame_of_a_walk_is_the_first_sample_of_its_seed(client):
     ("/interpolate", {"model": "gan", "digit": 3}, "digit"),
     ("/interpolate", {"model": "gan", "digit_to": 3}, "digit_to"),
     ("/interpolate", {"format": "webp"}, "format"),
+    ("/sample", {"truncation": 0}, "truncation"),
+    ("/generate", {"digit": 1, "truncation": 1.5}, "truncation"),
+    ("/interpolate", {"truncation": "nan"}, "truncation"),
 ])
 def test_bad_parameters_are_a_422_naming_the_parameter(client, path, params, param):
     response = client.get(path, params=params)

@@ -155,8 +155,10 @@ class Crash(Exception):
 @pytest.mark.parametrize("name", ["cgan", "wgan", "cvae"])
 def test_resume_after_a_crash_mid_epoch_matches_an_uninterrupted_run(name, few_digits, tmp_path,
                                                                     monkeypatch):
-    ema = {"ema_decay": 0.99} if MODELS[name].kind == "gan" else {}  # the EMA must resume exactly too
-    config, mconfig = tiny_setup(name, epochs=3, **ema)
+    # The EMA, the R1 penalty and the learning-rate schedule must resume exactly too (cvae: its prior flow).
+    extra = {"ema_decay": 0.99} if MODELS[name].kind == "gan" else {}
+    extra |= {"r1_weight": 1.0} if name == "cgan" else {}
+    config, mconfig = tiny_setup(name, epochs=3, lr_decay_start=0.3, **extra)
     straight = train(config, mconfig, tmp_path / "straight", data=few_digits, **quiet)
 
     calls = {"n": 0}
@@ -210,3 +212,33 @@ def test_training_on_cuda_with_mixed_precision(name, few_digits, run_dir):
     assert result.trainer.autocast._enabled
     assert next(result.trainer.sampler().parameters()).device.type == "cuda"
     assert all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())
+
+
+def test_learning_rate_is_constant_then_falls_linearly_towards_zero():
+    from training.trainers import lr_scale
+    assert [lr_scale(e, 4, 1.0) for e in (1, 2, 3, 4)] == [1.0] * 4
+    assert [lr_scale(e, 4, 0.5) for e in (1, 2, 3, 4)] == [1.0, 1.0, 1.0, 0.5]
+    assert [round(lr_scale(e, 5, 0.0), 6) for e in (1, 3, 5)] == [1.0, 0.6, 0.2]
+
+
+def test_the_schedule_sets_every_optimizers_learning_rate(few_digits, run_dir):
+    config, mconfig = tiny_setup("gan", epochs=3, lr_decay_start=0.5, lr=1e-3)
+    trainer = train(config, mconfig, run_dir, data=few_digits, **quiet).trainer
+    for opt in trainer.optimizers.values():  # the last epoch: 1/3 of the run left of the decaying half
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 3)
+
+
+def test_r1_runs_every_few_batches_and_only_on_the_discriminator(few_digits):
+    from training.trainers import R1_INTERVAL
+    trainer = adversarial("gan", r1_weight=10.0)
+    x, labels = few_digits.train.images[:32], few_digits.train.labels[:32]
+    assert "r1" in trainer.step(x, labels, index=0)
+    assert "r1" not in trainer.step(x, labels, index=1)
+    assert "r1" in trainer.step(x, labels, index=R1_INTERVAL)
+
+
+def test_the_prior_flow_learns_while_the_vae_trains(few_digits, run_dir):
+    config, mconfig = tiny_setup("vae", epochs=4, batch_size=64, lr=3e-3)
+    history = train(config, mconfig, run_dir, data=few_digits, **quiet).history
+    assert all("flow_nll" in row for row in history)
+    assert history[-1]["loss"] == pytest.approx(history[-1]["recon"] + history[-1]["kl"], rel=1e-4)

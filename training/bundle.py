@@ -19,12 +19,14 @@ class Recipe:
     default_for: tuple[str, ...] = ()   # service endpoints this model serves by default
 
 
+MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DATA_DIR=... points at a copy
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
-    Recipe("vae", "vae", ("--epochs", "60", "--kl-weight", "3")),
-    Recipe("cvae", "cvae", ("--epochs", "60", "--kl-weight", "3")),
-    Recipe("gan", "gan", ("--epochs", "150")),
-    Recipe("wgan", "wgan", ("--epochs", "500")),
-    Recipe("cgan", "cgan", ("--epochs", "300"), default_for=("sample", "generate", "interpolate")),
+    Recipe("vae", "vae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
+    Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
+    Recipe("gan", "gan", (*MNIST, "--epochs", "35", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
+    Recipe("wgan", "wgan", (*MNIST, "--epochs", "30", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
+    Recipe("cgan", "cgan", (*MNIST, "--epochs", "20", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
+           default_for=("sample", "generate", "interpolate")),
 ]}
 
 
@@ -47,7 +49,7 @@ def check_recipe(recipe: Recipe, run: Path) -> None:
     record = json.loads(record_path.read_text())
     saved = dataclasses.asdict(saved_settings(record)[0])
     differ = [f"{k} {saved[k]} (recipe: {wanted[k]})" for k in wanted
-              if k not in ("epochs", "device") and saved.get(k) != wanted[k]]
+              if k not in ("epochs", "device", "data_dir") and saved.get(k) != wanted[k]]
     differ += [f"{k} {v} (recipe: {wanted_model[k]})" for k, v in record["model_config"].items()
                if json.loads(json.dumps(wanted_model.get(k))) != v]
     if differ:
@@ -56,7 +58,7 @@ def check_recipe(recipe: Recipe, run: Path) -> None:
 
 
 def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path("exported"),
-          device: str = "auto", samples: int = 5000) -> None:
+          device: str = "auto", samples: int = 10_000, data_dir: str | None = None) -> None:
     """Train (or resume) each recipe, then export and evaluate it into `out_dir`."""
     from training.__main__ import main as cli
     from training.export import export_run
@@ -66,7 +68,8 @@ def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path(
         recipe = RECIPES[name]
         run = runs_dir / name
         check_recipe(recipe, run)
-        code = cli(["train", recipe.model, *recipe.flags, "--device", device, "--out", str(run),
+        where = ["--data-dir", str(data_dir)] if data_dir else []
+        code = cli(["train", recipe.model, *recipe.flags, *where, "--device", device, "--out", str(run),
                     "--resume", "--quiet"])
         if code:
             raise RunError(f"training {name} failed (exit {code}); its run is in {run}")

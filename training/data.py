@@ -13,7 +13,7 @@ import importlib.util
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -120,12 +120,17 @@ def _open_maybe_gzip(path: Path) -> bytes:
     return raw
 
 
-def load_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
-    """Read one IDX file of unsigned bytes (gzipped or not), checking header, rank and length."""
+def load_idx(path: str | os.PathLike, ndim: int, sha256: str | None = None) -> np.ndarray:
+    """Read one IDX file of unsigned bytes (gzipped or not), checking header, rank and length, and,
+    when `sha256` is given, that the uncompressed bytes are the official ones: a hand-copied or
+    re-compressed file gets the same guarantee as a download."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     data = _open_maybe_gzip(path)
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise DataError(f"{path}: its uncompressed content differs from the official file (sha256 {got}, "
+                        f"expected {sha256}); replace it with a copy from a mirror or delete it to download it")
     if len(data) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     zero, dtype, rank = int.from_bytes(data[:2], "big"), data[2], data[3]
@@ -144,9 +149,10 @@ def load_idx(path: str | os.PathLike, ndim: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _load_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> Split:
-    images = load_idx(images_path, ndim=3)
-    labels = load_idx(labels_path, ndim=1)
+def _load_idx_pair(images_path: Path, labels_path: Path, num_classes: int,
+                   sha256: dict[str, str]) -> Split:
+    images = load_idx(images_path, ndim=3, sha256=sha256.get(images_path.name))
+    labels = load_idx(labels_path, ndim=1, sha256=sha256.get(labels_path.name))
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     if len(images) != len(labels):
@@ -158,9 +164,11 @@ def _load_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> Sp
 
 @dataclass(frozen=True)
 class IdxSource:
-    """Where an IDX dataset comes from: its four files with their MD5s, and mirrors to try in order."""
+    """Where an IDX dataset comes from: its four files with the MD5s of the mirrors' gzip streams,
+    mirrors to try in order, and (where known) the SHA-256 of each file's uncompressed content."""
     files: dict[str, str]
     mirrors: tuple[str, ...]
+    sha256: dict[str, str] = field(default_factory=dict)
     train_images: str = "train-images-idx3-ubyte.gz"
     train_labels: str = "train-labels-idx1-ubyte.gz"
     val_images: str = "t10k-images-idx3-ubyte.gz"
@@ -179,6 +187,12 @@ MNIST_SOURCE = IdxSource(
         "https://storage.googleapis.com/cvdf-datasets/mnist/",
         "http://yann.lecun.com/exdb/mnist/",
     ),
+    sha256={  # of the uncompressed official files: the same whatever gzip stream carried them
+        "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
 )
 FASHION_SOURCE = IdxSource(
     files={
@@ -243,8 +257,8 @@ def load_idx_dataset(name: str, data_dir: Path, source: IdxSource, class_names: 
     n = len(class_names)
     return DigitData(
         name=name,
-        train=_load_idx_pair(data_dir / source.train_images, data_dir / source.train_labels, n),
-        val=_load_idx_pair(data_dir / source.val_images, data_dir / source.val_labels, n),
+        train=_load_idx_pair(data_dir / source.train_images, data_dir / source.train_labels, n, source.sha256),
+        val=_load_idx_pair(data_dir / source.val_images, data_dir / source.val_labels, n, source.sha256),
         class_names=class_names,
     )
 

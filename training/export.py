@@ -102,8 +102,10 @@ def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
 
 
 def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
-               samples: int = 5000, evaluator_dir: Path | None = None, log=print) -> ModelEntry:
-    """Export, check, evaluate and list one run; returns its manifest entry."""
+               samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
+               data_dir: str | Path | None = None, log=print) -> ModelEntry:
+    """Export, check, evaluate and list one run; returns its manifest entry. `data_dir` locates the
+    evaluator's data (default: the run's own data when it is the evaluator's dataset, else data/mnist)."""
     for endpoint in default_for:
         if endpoint not in ENDPOINTS:
             raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
@@ -118,7 +120,8 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
 
     config = trainer.config
     source = evaluate.onnx_source(onnx_path)
-    metrics = evaluate.evaluate_run(trainer, source, samples, evaluator_dir, log=log)
+    judge = evaluate.judge_for_run(config, data_dir, evaluator_dir, log=log)
+    metrics = evaluate.evaluate_run(trainer, source, judge, samples)
     log(evaluate.format_table(name, metrics))
 
     _save_sample_grid(source, out_dir / f"{name}.png", config.seed)

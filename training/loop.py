@@ -24,7 +24,7 @@ from training import pictures
 from training.atomic import atomic_path, write_text_atomic
 from training.data import DigitData, load_dataset, shuffled_batches
 from training.models import MODELS, ModelSpec
-from training.trainers import TrainConfig, Trainer, make_trainer
+from training.trainers import TrainConfig, Trainer, lr_scale, make_trainer
 
 SNAPSHOT_ROWS = 10  # the snapshot grid is 10 x 10; for conditional models each column is one class
 
@@ -144,6 +144,7 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         trainer.train()
+        trainer.set_lr_scale(lr_scale(epoch, config.epochs, config.lr_decay_start))
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         batches = shuffled_batches(len(data.train), config.batch_size, data_rng, device)

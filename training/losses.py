@@ -53,3 +53,12 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, y: torch.Te
     (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
     norm = torch.sqrt(grad.flatten(1).pow(2).sum(dim=1) + eps)
     return (norm - 1).pow(2).mean()
+
+
+def r1_penalty(critic, real: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """E |grad_x D(x)|^2 on real images (Mescheder et al. 2018): keeps the discriminator flat on the
+    data, so it cannot push the generator away from real digits with steep, noisy gradients."""
+    real = real.detach().requires_grad_(True)
+    scores = critic(real, y)
+    (grad,) = torch.autograd.grad(scores.float().sum(), real, create_graph=True)
+    return grad.flatten(1).pow(2).sum(dim=1).mean()

@@ -35,11 +35,23 @@ def save_progress_gif(frames: list[Path], path: Path, frame_ms: int = 250, hold_
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_loss_curves(history: list[dict], path: Path, title: str) -> None:
-    """One panel per loss term against epoch, from the rows of metrics.jsonl."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    _pyplot().close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def save_loss_curves(history: list[dict], path: Path, title: str) -> None:
+    """One panel per loss term against epoch, from the rows of metrics.jsonl."""
+    plt = _pyplot()
 
     skip = {"epoch", "step", "seconds", "images_per_s"}
     terms = [k for k in history[0] if k not in skip and isinstance(history[0][k], (int, float))]
@@ -52,7 +64,26 @@ def save_loss_curves(history: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue())
+    _save_figure(fig, path)
+
+
+TRUNCATION_PANELS = (("confidence_ratio", "confidence / real digits'"), ("fid_ratio", "FID / floor"),
+                     ("recall_ratio", "recall / real-vs-real"))
+
+
+def save_truncation_plot(sweeps: dict[str, list[dict]], path: Path) -> None:
+    """Fidelity against diversity: each model's confidence, FID and recall (relative to real digits)
+    against the truncation t, one line per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(TRUNCATION_PANELS), figsize=(12, 3.6))
+    for ax, (key, label) in zip(axes, TRUNCATION_PANELS):
+        for name, rows in sweeps.items():
+            ax.plot([r["truncation"] for r in rows], [r[key] for r in rows], marker="o", markersize=3, label=name)
+        ax.set_title(label)
+        ax.set_xlabel("truncation t (z scaled by t)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    _save_figure(fig, path)

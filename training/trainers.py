@@ -17,6 +17,7 @@ from torch import nn
 from training import losses
 from training.augment import augment
 from training.models import ModelSpec
+from training.models.vae import reparameterise
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainConfig:
     ema_decay: float = 0.0          # EMA of generator weights for snapshots and export (0: off)
     augment: str = ""               # GANs: DiffAugment policy for all D inputs, e.g. "translation,cutout"
     kl_weight: float = 1.0          # VAE: loss = recon + kl_weight * KL (beta-VAE); the ELBO is logged at 1
+    r1_weight: float = 0.0          # GANs: gamma of the R1 penalty gamma/2 E|grad D(real)|^2 (0: off)
+    lr_decay_start: float = 1.0     # share of the epochs after which every lr falls linearly to 0 (1: off)
     seed: int = 0
     device: str = "auto"
     amp: bool = True                # bf16 autocast where the hardware runs bf16 natively
@@ -149,6 +152,21 @@ class Trainer:
         for net in self.nets.values():
             net.train(mode)
 
+    def set_lr_scale(self, scale: float) -> None:
+        """Every optimizer's learning rate as `scale` times the configured one."""
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = self.config.lr * scale
+
+
+def lr_scale(epoch: int, epochs: int, decay_start: float) -> float:
+    """1 until `decay_start` of the run, then falling linearly towards 0 over the rest; `epoch` counts
+    from 1. A function of the epoch alone, so a resumed run lands on the same schedule."""
+    progress = (epoch - 1) / epochs
+    if decay_start >= 1 or progress < decay_start:
+        return 1.0
+    return (1 - progress) / (1 - decay_start)
+
 
 class VAETrainer(Trainer):
     def step(self, x, labels, index):
@@ -156,10 +174,18 @@ class VAETrainer(Trainer):
         with self.autocast:
             logits, mu, logvar = model(x, self.one_hot(labels))
         recon, kl = losses.vae_terms(logits.float(), x, mu.float(), logvar.float())
+        loss = recon + self.config.kl_weight * kl
+        terms = {"loss": (recon + kl).detach(), "recon": recon.detach(), "kl": kl.detach()}
+        if model.prior is not None:
+            # The prior flow learns the posterior's samples, detached: the VAE's objective is unchanged.
+            z = reparameterise(mu.detach().float(), logvar.detach().float())
+            flow_nll = -model.prior.log_prob(z, self.one_hot(labels)).mean()
+            loss = loss + flow_nll
+            terms["flow_nll"] = flow_nll.detach()
         opt.zero_grad(set_to_none=True)
-        (recon + self.config.kl_weight * kl).backward()
+        loss.backward()
         opt.step()
-        return {"loss": (recon + kl).detach(), "recon": recon.detach(), "kl": kl.detach()}
+        return terms
 
     @torch.no_grad()
     def validate(self, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
@@ -175,6 +201,9 @@ class VAETrainer(Trainer):
 
     def sampler(self):
         return self.nets["model"]
+
+
+R1_INTERVAL = 4  # batches between R1 penalties: the double backward costs about a discriminator step
 
 
 class AdversarialTrainer(Trainer):
@@ -218,6 +247,12 @@ class AdversarialTrainer(Trainer):
             d_loss = losses.d_loss_gan(real_out, fake_out)
             terms["d_real"] = torch.sigmoid(real_out).mean().detach()
             terms["d_fake"] = torch.sigmoid(fake_out).mean().detach()
+        if self.config.r1_weight and index % R1_INTERVAL == 0:
+            # Lazy R1 (Karras et al. 2020): every R1_INTERVAL batches, weighted up by as much.
+            with self.autocast:
+                r1 = losses.r1_penalty(D, real, y).float()
+            terms["r1"] = r1.detach()
+            d_loss = d_loss + self.config.r1_weight / 2 * R1_INTERVAL * r1
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()

@@ -33,8 +33,8 @@ class ModelSpec:
 
 
 _VAE = dict(batch_size=128, lr=1e-3, betas=(0.9, 0.999), ema_decay=0.0)
-# EMA of generator weights is opt-in (--ema-decay): it did not improve samples in measurement
-# (tests/benchmarks/ema_quality.py, figures in the README).
+# EMA of generator weights is opt-in (--ema-decay); the bundled recipes turn it on where it paid
+# (`evaluate --raw` scores a run's raw weights beside its EMA; exported/README.md has the figures).
 _GAN = dict(batch_size=64, lr=2e-4, betas=(0.5, 0.999))
 
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in [

@@ -21,7 +21,9 @@ class GANConfig:
     g_channels: int = 64   # generator width at 14x14; 2x this at 7x7
     d_channels: int = 64   # discriminator width at 14x14; 2x this at 7x7
     d_norm: str = "layer"  # "layer" or "none"; never batch norm: it breaks the gradient penalty
+    d_spectral: bool = False  # spectral normalisation of every discriminator weight (Miyato et al. 2018)
     mbstd_group: int = 0   # discriminator: minibatch standard deviation over groups of this many (0: off)
+    g_refine: int = 0      # generator: extra 3x3 conv blocks (stride 1) at 7x7 and at 14x14 each
 
 
 class Generator(nn.Module):
@@ -35,8 +37,10 @@ class Generator(nn.Module):
             nn.Unflatten(1, (2 * c, 7, 7)),                                     # [N, 2c, 7, 7]
         )
         self.upsample = nn.Sequential(
+            *_refine(2 * c, config.g_refine),                                   # [N, 2c, 7, 7]
             nn.ConvTranspose2d(2 * c, c, 4, stride=2, padding=1, bias=False),  # [N, c, 14, 14]
             nn.BatchNorm2d(c), nn.LeakyReLU(0.2),
+            *_refine(c, config.g_refine),                                       # [N, c, 14, 14]
             nn.ConvTranspose2d(c, 1, 4, stride=2, padding=1),                   # [N, 1, 28, 28]
             nn.Tanh(),
         )
@@ -49,6 +53,12 @@ class Generator(nn.Module):
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The exported interface: intensities in [0, 1] (clamped: float rounding of tanh can land a hair outside)."""
         return ((self.forward(z, y) + 1) * 0.5).clamp(0.0, 1.0)
+
+
+def _refine(channels: int, blocks: int) -> list[nn.Module]:
+    """`blocks` 3x3 convolutions that keep the resolution: depth where the strokes are drawn."""
+    return [layer for _ in range(blocks) for layer in (
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.LeakyReLU(0.2))]
 
 
 class MinibatchStd(nn.Module):
@@ -84,6 +94,10 @@ class Discriminator(nn.Module):
             nn.Flatten(),
             nn.Linear((2 * c + len(extra)) * 49, 1),
         )
+        if config.d_spectral:  # each weight divided by its largest singular value: D is 1-Lipschitz per layer
+            for layer in self.net:
+                if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """One logit (GAN) or score (WGAN critic) per image: [N]."""

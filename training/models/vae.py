@@ -1,7 +1,8 @@
 """Variational autoencoders: a dense one, a convolutional one, and the conditional (CVAE) form.
 
 Each encodes an image to a mean and log-variance, samples z = mu + exp(logvar / 2) * eps and decodes
-z back to pixel logits. `generate(z, y)` is the exported decoder: intensities in [0, 1].
+z back to pixel logits. `generate(z, y)` is the exported decoder: intensities in [0, 1]. With a prior
+flow (`prior_flow` > 0 couplings) it first maps the N(0, I) noise onto where the latents live.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from training.models.flow import LatentFlow
 
 IMAGE_PIXELS = 28 * 28
 
@@ -25,6 +28,11 @@ class VAE(nn.Module):
     latent_dim: int
     num_classes: int
 
+    def _build_prior(self, config) -> None:
+        """The learned map N(0, I) -> aggregate posterior, fitted during training; None: plain N(0, I)."""
+        self.prior = (LatentFlow(config.latent_dim, self.num_classes, config.prior_flow, config.flow_hidden)
+                      if config.prior_flow else None)
+
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
@@ -37,6 +45,9 @@ class VAE(nn.Module):
         return logits, mu, logvar
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images for N(0, I) noise z: through the prior flow when there is one, then the decoder."""
+        if self.prior is not None:
+            z = self.prior(z, y)
         return torch.sigmoid(self.decode_logits(z, y))
 
 
@@ -44,6 +55,8 @@ class VAE(nn.Module):
 class DenseVAEConfig:
     latent_dim: int = 16
     hidden: tuple[int, ...] = (512, 256)  # encoder widths, shrinking; the decoder mirrors them
+    prior_flow: int = 0                   # coupling layers of the learned prior flow (0: sample N(0, I))
+    flow_hidden: int = 128
 
 
 class DenseVAE(VAE):
@@ -60,6 +73,7 @@ class DenseVAE(VAE):
         self.decoder = nn.Sequential(*[layer for a, b in zip(back, back[1:])
                                        for layer in (nn.Linear(a, b), nn.LeakyReLU(0.2))],
                                      nn.Linear(back[-1], IMAGE_PIXELS))
+        self._build_prior(config)
 
     def encode(self, x, y=None):
         return self.to_stats(self.encoder(x.flatten(1))).chunk(2, dim=1)
@@ -73,6 +87,8 @@ class ConvVAEConfig:
     latent_dim: int = 16
     channels: tuple[int, int] = (32, 64)  # filters of the two stride-2 convolutions: 28 -> 14 -> 7
     hidden: int = 256                     # dense layer between the 7x7 features and the latent
+    prior_flow: int = 0                   # coupling layers of the learned prior flow (0: sample N(0, I))
+    flow_hidden: int = 128
 
 
 class ConvVAE(VAE):
@@ -104,6 +120,7 @@ class ConvVAE(VAE):
             nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # [N, c1, 14, 14]
             nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1),                      # [N, 1, 28, 28]
         )
+        self._build_prior(config)
 
     def _with_class(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         return h if not self.num_classes else torch.cat([h, y], dim=1)
