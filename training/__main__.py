@@ -261,9 +261,10 @@ def cmd_truncation(args: argparse.Namespace) -> None:
     from training import evaluate, pictures
     from training.atomic import write_text_atomic
 
-    sweeps = {}
+    sweeps, judges = {}, {}
     for entry in load_manifest(args.models_dir).models:
-        judge = evaluate.load_judge(entry.dataset, args.data_dir)
+        kind = evaluate.evaluator_dataset(entry.dataset)
+        judge = judges[kind] = judges.get(kind) or evaluate.load_judge(entry.dataset, args.data_dir)
         source = evaluate.onnx_source(args.models_dir / entry.file)
         sweeps[entry.name] = evaluate.truncation_sweep(source, judge, args.values or evaluate.TRUNCATIONS,
                                                        args.samples)

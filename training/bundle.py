@@ -23,9 +23,9 @@ MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DA
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
-    Recipe("gan", "gan", (*MNIST, "--epochs", "35", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
-    Recipe("wgan", "wgan", (*MNIST, "--epochs", "30", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
-    Recipe("cgan", "cgan", (*MNIST, "--epochs", "20", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
+    Recipe("gan", "gan", (*MNIST, "--epochs", "28", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
+    Recipe("wgan", "wgan", (*MNIST, "--epochs", "26", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
+    Recipe("cgan", "cgan", (*MNIST, "--epochs", "16", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
            default_for=("sample", "generate", "interpolate")),
 ]}
 

@@ -131,6 +131,13 @@ class Judge:
     reference: Split              # the kind's test digits: every sample set is compared with these
     real: Split                   # training digits: "samples" of a perfect generator, for the floors
     _real_figures: dict = field(default_factory=dict, repr=False)
+    _reference_features: torch.Tensor | None = field(default=None, repr=False)
+
+    def reference_features(self) -> torch.Tensor:
+        """Features of the reference digits, computed once per judge."""
+        if self._reference_features is None:
+            self._reference_features = self.predict(self.reference.images)[0]
+        return self._reference_features
 
     def predict(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [N, 128], calibrated class probabilities [N, classes]) of images in [0, 1]."""
@@ -145,7 +152,7 @@ class Judge:
             confidence, shares = _class_figures(probs, len(self.report["class_names"]))
             m = min(n, len(self.real))
             real_feats, _ = self.predict(self.real.images[:m])
-            ref_feats, _ = self.predict(self.reference.images)
+            ref_feats = self.reference_features()
             precision, recall = precision_recall(ref_feats[:m], real_feats)
             self._real_figures[n] = {
                 "real_confidence": confidence, "real_min_class_share": min(shares),
@@ -355,7 +362,7 @@ def draw_all(source: Source, z: np.ndarray, y: np.ndarray | None, batch: int = 5
 def score_images(judge: Judge, images, labels=None) -> dict:
     """The judge's figures for `images` ([N, 1, 28, 28] in [0, 1]), each beside real digits' figure."""
     feats, probs = judge.predict(images)
-    ref_feats, _ = judge.predict(judge.reference.images)
+    ref_feats = judge.reference_features()
     confidence, shares = _class_figures(probs, probs.shape[1])
     m = min(len(feats), len(ref_feats))  # precision/recall on equal-sized sets, as in the paper
     precision, recall = precision_recall(ref_feats[:m], feats[:m])
