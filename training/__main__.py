@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
                        help=f"images per model and truncation (default {DEFAULT_SAMPLES})")
     sweep.add_argument("--data-dir", help="folder of the evaluator's IDX files (default data/mnist)")
+    sweep.add_argument("--only", nargs="+", metavar="NAME", help="sweep these models only, keeping the others' "
+                                                                 "rows of truncation.json (default: all)")
 
     export = commands.add_parser(
         "export", help="export a run's decoder/generator to ONNX and list it in the manifest",
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"images for the evaluation (default {DEFAULT_SAMPLES})")
     export.add_argument("--data-dir", help="folder of the evaluator's IDX files (default: the run's own when "
                                            "it trained on them, else data/mnist)")
+    export.add_argument("--raw", action="store_true", help="a run with an EMA: export the raw generator")
 
     bundle = commands.add_parser(
         "bundle", help="train, evaluate and export the bundled model set (what `make train` runs)",
@@ -261,8 +264,18 @@ def cmd_truncation(args: argparse.Namespace) -> None:
     from training import evaluate, pictures
     from training.atomic import write_text_atomic
 
-    sweeps, judges = {}, {}
-    for entry in load_manifest(args.models_dir).models:
+    models = load_manifest(args.models_dir).models
+    names = {m.name for m in models}
+    chosen = set(args.only or names)
+    if chosen - names:
+        raise ConfigError(f"--only {' '.join(sorted(chosen - names))}: not in {args.models_dir / 'manifest.json'}")
+    path = args.models_dir / "truncation.json"
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    sweeps = {name: rows for name, rows in earlier.items() if name in names - chosen}  # the others' rows stay
+    judges = {}
+    for entry in models:
+        if entry.name not in chosen:
+            continue
         kind = evaluate.evaluator_dataset(entry.dataset)
         judge = judges[kind] = judges.get(kind) or evaluate.load_judge(entry.dataset, args.data_dir)
         source = evaluate.onnx_source(args.models_dir / entry.file)
@@ -272,15 +285,17 @@ def cmd_truncation(args: argparse.Namespace) -> None:
             print(f"{entry.name} t={row['truncation']}: confidence {row['confidence']:.3f} "
                   f"({row['confidence_ratio']:.2f}x real), FID {row['fid_ratio']:.2f}x floor, "
                   f"recall {row['recall']:.3f} ({row['recall_ratio']:.2f}x real)")
-    write_text_atomic(args.models_dir / "truncation.json", json.dumps(sweeps, indent=1) + "\n")
+    sweeps = dict(sorted(sweeps.items()))
+    write_text_atomic(path, json.dumps(sweeps, indent=1) + "\n")
     pictures.save_truncation_plot(sweeps, args.models_dir / "truncation.png")
-    print(f"wrote {args.models_dir / 'truncation.json'} and {args.models_dir / 'truncation.png'}")
+    print(f"wrote {path} and {args.models_dir / 'truncation.png'}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
-    export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples, data_dir=args.data_dir)
+    export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples, data_dir=args.data_dir,
+               raw=args.raw)
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:

@@ -103,16 +103,19 @@ def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
 
 def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
                samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
-               data_dir: str | Path | None = None, log=print) -> ModelEntry:
+               data_dir: str | Path | None = None, raw: bool = False, log=print) -> ModelEntry:
     """Export, check, evaluate and list one run; returns its manifest entry. `data_dir` locates the
-    evaluator's data (default: the run's own data when it is the evaluator's dataset, else data/mnist)."""
+    evaluator's data (default: the run's own data when it is the evaluator's dataset, else data/mnist);
+    `raw` exports a GAN's raw generator rather than its EMA, where the raw weights scored better."""
     for endpoint in default_for:
         if endpoint not in ENDPOINTS:
             raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
     trainer, record, epoch = load_run(run)
-    net = trainer.sampler()
+    if raw and trainer.ema is None:
+        raise ExportError(f"--raw: {run} keeps no EMA, so its only weights are the raw ones")
+    net = trainer.nets["generator"] if raw else trainer.sampler()
     num_classes = trainer.num_classes
     onnx_path = out_dir / f"{name}.onnx"
     opset = export_onnx(net, num_classes, onnx_path)
