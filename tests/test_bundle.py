@@ -42,10 +42,14 @@ def test_a_run_may_resume_from_another_copy_of_the_data(tmp_path):
     check_recipe(RECIPES["gan"], tmp_path / "gan")
 
 
-def test_every_bundled_model_trains_on_the_full_mnist():
+def test_each_recipe_is_what_the_bundled_model_was_trained_with():
+    from pathlib import Path
+    from service.manifest import load_manifest
+    manifest = load_manifest(Path(__file__).resolve().parents[1] / "exported")
     for recipe in RECIPES.values():
-        args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
-        assert train_config_from_args(args).dataset == "mnist", recipe.name
+        config = train_config_from_args(build_parser().parse_args(["train", recipe.model, *recipe.flags]))
+        entry = manifest.model(recipe.name)
+        assert (entry.dataset, entry.training.epochs, entry.family) == (config.dataset, config.epochs, recipe.model)
 
 
 def test_every_recipe_parses():

@@ -145,12 +145,19 @@ def test_the_bundle_has_every_default_family():
     assert manifest.defaults.generate and manifest.defaults.sample and manifest.defaults.interpolate
 
 
-def test_bundled_models_keep_the_quality_targets_they_reached():
-    """Issue 3's targets, for the models that reach them (the README reports the others): a re-export of
-    a worse model fails here."""
-    manifest = load_manifest(BUNDLED)
-    cgan, cvae = manifest.model("cgan").metrics, manifest.model("cvae").metrics
-    assert cgan["conditional_accuracy"] >= 0.98 and cgan["fid_ratio"] <= 3.0 and cgan["confidence"] >= 0.85
-    assert cvae["conditional_accuracy"] >= 0.95
-    for name in ("cgan", "cvae", "vae"):
-        assert manifest.model(name).metrics["min_class_share"] >= 0.05, name
+# Issue 10's targets that each bundled model reaches (the model card reports the rest): a re-export of a
+# worse model fails here. Ratios are to real test digits scored by the same evaluator.
+REACHED = {
+    "cgan": {"conditional_accuracy": 0.995, "confidence_ratio": 1.0, "min_class_share": 0.08, "precision_ratio": 0.8},
+    "cvae": {"conditional_accuracy": 0.98, "confidence_ratio": 0.9, "min_class_share": 0.08},
+    "vae": {"min_class_share": 0.08},
+    "gan": {"recall_ratio": 0.8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(REACHED))
+def test_bundled_models_keep_the_quality_targets_they_reached(name):
+    entry = load_manifest(BUNDLED).model(name)
+    assert entry.dataset == "mnist" and entry.metrics["samples"] == 10_000
+    for key, floor in REACHED[name].items():
+        assert entry.metrics[key] >= floor, (name, key, entry.metrics[key])

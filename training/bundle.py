@@ -25,7 +25,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("gan", "gan", (*MNIST, "--epochs", "28", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
-    Recipe("wgan", "wgan", (*MNIST, "--epochs", "26", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
+    # Still the mnist-5k recipe: 26 epochs of the full set (3,373 generator steps, the most this round's CPU
+    # budget allowed) scored worse than these 500 epochs of mnist-5k (7,000 steps); see exported/README.md.
+    Recipe("wgan", "wgan", ("--epochs", "500")),
     Recipe("cgan", "cgan", (*MNIST, "--epochs", "16", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
            default_for=("sample", "generate", "interpolate")),
 ]}
