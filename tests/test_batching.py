@@ -158,25 +158,39 @@ def test_a_response_does_not_depend_on_what_it_was_batched_with():
 
 def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, monkeypatch):
     write_models_dir(tmp_path)
-    gate = threading.Event()
+    entered, gate = threading.Event(), threading.Event()
     original = LoadedModel.run
 
     def held(self, z, y):
-        gate.wait(5)
+        entered.set()
+        gate.wait(10)
         return original(self, z, y)
     monkeypatch.setattr(LoadedModel, "run", held)
     app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, max_queued=2), warm=False)
+
+    async def until(condition):
+        for _ in range(400):  # however loaded the machine
+            if await condition():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("never happened")
 
     async def scenario():
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                pending = [asyncio.create_task(client.get("/sample", params={"model": "gan", "seed": i}))
-                           for i in range(3)]  # one runs (held), two wait: the queue is full
-                for _ in range(200):  # until two wait behind the held one, however loaded the machine
-                    if 'digitgen_queued_requests{model="gan"} 2.0' in (await client.get("/metrics")).text:
-                        break
-                    await asyncio.sleep(0.05)
+                def get(seed):
+                    return asyncio.create_task(client.get("/sample", params={"model": "gan", "seed": seed}))
+
+                async def queued_two():
+                    return 'digitgen_queued_requests{model="gan"} 2.0' in (await client.get("/metrics")).text
+
+                async def running():
+                    return entered.is_set()
+                pending = [get(0)]
+                await until(running)  # the first request is in the model, held there
+                pending += [get(1), get(2)]
+                await until(queued_two)  # two wait behind it: the queue is full
                 refused = await client.get("/sample", params={"model": "gan"})
                 gate.set()
                 return refused, await asyncio.gather(*pending), (await client.get("/metrics")).text
