@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator = commands.add_parser(
         "evaluator", help="train (once) and describe the evaluator of a kind of data",
         description="Print the cached evaluator's test accuracy and calibration, training it first when "
-                    "it is not cached (about 6 minutes on a 2-core CPU for the digits).")
+                    "it is not cached (about 4 minutes on a 2-core CPU for the digits).")
     evaluator.add_argument("--dataset", choices=DATASETS, default="mnist",
                            help="any dataset of the kind (default mnist: the digits evaluator)")
     evaluator.add_argument("--data-dir", help="folder of the evaluator's IDX files (default data/mnist)")
