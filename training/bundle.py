@@ -17,7 +17,6 @@ class Recipe:
     model: str                          # the family in training.models.MODELS
     flags: tuple[str, ...]              # `train` flags: epochs and tuned settings
     default_for: tuple[str, ...] = ()   # service endpoints this model serves by default
-    raw: bool = False                   # export the raw generator, not its EMA (where raw scored better)
 
 
 MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DATA_DIR=... points at a copy
@@ -76,4 +75,4 @@ def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path(
                     "--resume", "--quiet"])
         if code:
             raise RunError(f"training {name} failed (exit {code}); its run is in {run}")
-        export_run(run, name, out_dir, recipe.default_for, samples, data_dir=data_dir, raw=recipe.raw)
+        export_run(run, name, out_dir, recipe.default_for, samples, data_dir=data_dir)

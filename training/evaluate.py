@@ -131,13 +131,13 @@ class Judge:
     reference: Split              # the kind's test digits: every sample set is compared with these
     real: Split                   # training digits: "samples" of a perfect generator, for the floors
     _real_figures: dict = field(default_factory=dict, repr=False)
-    _reference_features: torch.Tensor | None = field(default=None, repr=False)
+    _reference: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    def reference_features(self) -> torch.Tensor:
-        """Features of the reference digits, computed once per judge."""
-        if self._reference_features is None:
-            self._reference_features = self.predict(self.reference.images)[0]
-        return self._reference_features
+    def reference_predictions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, probabilities) of the reference digits, computed once per judge."""
+        if self._reference is None:
+            self._reference = self.predict(self.reference.images)
+        return self._reference
 
     def predict(self, images) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [N, 128], calibrated class probabilities [N, classes]) of images in [0, 1]."""
@@ -148,11 +148,10 @@ class Judge:
         """The figures of real digits at sample size n: confidence and class shares of the test digits;
         FID, precision and recall of n training digits against the test digits (the floors)."""
         if n not in self._real_figures:
-            _, probs = self.predict(self.reference.images)
+            ref_feats, probs = self.reference_predictions()
             confidence, shares = _class_figures(probs, len(self.report["class_names"]))
             m = min(n, len(self.real))
             real_feats, _ = self.predict(self.real.images[:m])
-            ref_feats = self.reference_features()
             precision, recall = precision_recall(ref_feats[:m], real_feats)
             self._real_figures[n] = {
                 "real_confidence": confidence, "real_min_class_share": min(shares),
@@ -362,7 +361,7 @@ def draw_all(source: Source, z: np.ndarray, y: np.ndarray | None, batch: int = 5
 def score_images(judge: Judge, images, labels=None) -> dict:
     """The judge's figures for `images` ([N, 1, 28, 28] in [0, 1]), each beside real digits' figure."""
     feats, probs = judge.predict(images)
-    ref_feats = judge.reference_features()
+    ref_feats, _ = judge.reference_predictions()
     confidence, shares = _class_figures(probs, probs.shape[1])
     m = min(len(feats), len(ref_feats))  # precision/recall on equal-sized sets, as in the paper
     precision, recall = precision_recall(ref_feats[:m], feats[:m])
