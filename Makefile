@@ -47,6 +47,7 @@ bench-serve: $(TRAINED)
 
 bench-train: $(TRAINED)
 	$(BIN)/python tests/benchmarks/train_throughput.py
+	$(BIN)/python tests/benchmarks/train_processes.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

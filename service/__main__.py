@@ -1,4 +1,5 @@
 """`python -m service [--host] [--port] [--models-dir] [--workers]`: serve exported/ with uvicorn.
+`python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 
 Flags override DIGITGEN_* environment variables; they are handed to the workers as those variables.
 """
@@ -21,6 +22,9 @@ from service.manifest import ManifestError, load_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["triton-repository"]:
+        return triton_repository(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
@@ -56,6 +60,35 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             print(f"error: --host {args.host} --port {args.port}: {err.strerror or err}", file=sys.stderr)
             return 2
+
+
+def triton_repository(argv: list[str]) -> int:
+    from service.triton import RepositoryError, write_repository
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service triton-repository",
+        description="Write OUT/<name>/config.pbtxt and OUT/<name>/1/model.onnx for every model of the manifest: "
+                    "a repository for `tritonserver --model-repository OUT` (README: scaling out).")
+    parser.add_argument("out", type=Path, metavar="OUT", help="the repository folder (created when missing)")
+    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; "
+                                                        "default exported)")
+    parser.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU (default KIND_CPU)")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings(**({"models_dir": args.models_dir} if args.models_dir else {}), providers="cpu")
+        names = write_repository(settings.models_dir, args.out, settings.batch_max_size, args.gpu)
+    except ValidationError as err:
+        print(f"error: {err.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    except (ManifestError, RepositoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(names)} into {args.out} (max_batch_size {settings.batch_max_size}, "
+          f"{'KIND_GPU' if args.gpu else 'KIND_CPU'})")
+    return 0
 
 
 @contextmanager

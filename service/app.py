@@ -20,8 +20,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import imaging, sampling
-from service.batching import Batcher, Inputs, QueueFull
+from service import imaging, sampling, v2
+from service.batching import RETRY_AFTER_S, Batcher, Inputs, QueueFull
 from service.config import Settings
 from service.queries import openapi_query, query_models
 from service.metrics import Metrics
@@ -31,7 +31,7 @@ log = logging.getLogger("digitgen.app")
 
 IMAGE_SIZE = 28
 GIF_FRAME_MS = 120
-RETRY_AFTER_S = "1"
+VERSION = "0.1.0"
 
 
 IMAGE_RESPONSES = {
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.registry = registry or Registry.load(settings)
+        app.state.settings, app.state.batchers = settings, batchers
         loaded = app.state.registry.models
         log.info("serving %d model(s): %s", len(loaded), ", ".join(loaded) or "none")
         for name, model in loaded.items():
@@ -77,11 +78,14 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         metrics.worker_exits()
         encoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="digit-gen", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan,
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
+    app.include_router(v2.router("digit-gen", VERSION))
+    app.add_exception_handler(v2.V2Error, v2.error_response)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET"],
-                           expose_headers=["X-Seed", "X-Seed-To", "X-Model", "X-Truncation"])
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", v2.HEADER_LENGTH],
+                           expose_headers=["X-Seed", "X-Seed-To", "X-Model", "X-Truncation", v2.HEADER_LENGTH])
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     def resolve(request: Request, name: str | None, endpoint: str) -> LoadedModel:

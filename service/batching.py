@@ -29,6 +29,9 @@ from service.registry import LoadedModel
 log = logging.getLogger("digitgen.batching")
 
 
+RETRY_AFTER_S = "1"  # what a refused request is told (Retry-After): the queue drains in milliseconds
+
+
 class QueueFull(Exception):
     """The model's queue is at its bound; try again shortly."""
 
@@ -40,8 +43,9 @@ Inputs = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
 class Job:
     size: int  # images
     inputs: Inputs  # -> z [size, latent_dim], y [size, num_classes] or None; run on the batch thread
-    finish: Callable[[np.ndarray], Any]  # this job's pixels [size, 28, 28] uint8 -> its response
+    finish: Callable[[np.ndarray], Any]  # this job's pixels [size, 28, 28] uint8 (or raw output) -> its response
     future: asyncio.Future
+    raw: bool = False  # finish gets the model's own output, [size, 1, 28, 28] float32, not pixels
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -62,17 +66,18 @@ class Batcher:
         self._thread = threading.Thread(target=self._serve, name=f"batch-{model.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any]) -> asyncio.Future:
-        """Queue a job from the event loop; await the returned future for `finish(pixels)`. The inputs
-        are drawn on the batch thread: numpy calls release the GIL, and each release on the event loop
-        lets another thread in ahead of the next request."""
+    def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any],
+               raw: bool = False) -> asyncio.Future:
+        """Queue a job from the event loop; await the returned future for `finish(pixels)` (with `raw`:
+        `finish(model output)`). The inputs are drawn on the batch thread: numpy calls release the GIL,
+        and each release on the event loop lets another thread in ahead of the next request."""
         future = asyncio.get_running_loop().create_future()
         with self._wake:
             if self._closed:
                 raise RuntimeError(f"model {self.model.name}: the batcher is closed")
             if len(self._jobs) >= self.max_queued:
                 raise QueueFull(f"model {self.model.name}: {len(self._jobs)} requests queued")
-            self._jobs.append(Job(size, inputs, finish, future))
+            self._jobs.append(Job(size, inputs, finish, future, raw=raw))
             self._queued.inc()
             self._wake.notify()
         return future
@@ -116,23 +121,25 @@ class Batcher:
                 z = np.concatenate(zs) if len(batch) > 1 else zs[0]
                 y = None if ys[0] is None else np.concatenate(ys) if len(batch) > 1 else ys[0]
                 ran = time.perf_counter()
-                pixels = imaging.to_uint8(self.model.run(z, y))  # one conversion per batch
+                output = self.model.run(z, y)
             except Exception as err:  # the model failed: every job of the batch gets the error
                 log.error("model %s: inference failed for a batch of %d: %s", self.model.name,
                           sum(job.size for job in batch), err)
                 _resolve(batch, [err] * len(batch))
                 continue
             self._inference.observe(time.perf_counter() - ran)
-            self._batch.observe(len(pixels))
-            self._finisher.submit(_finish, batch, pixels)
+            self._batch.observe(len(output))
+            self._finisher.submit(_finish, batch, output)
 
 
-def _finish(batch: list[Job], pixels: np.ndarray) -> None:
-    """Split the batch's pixels back per job, encode each job's response, hand them to the event loop."""
+def _finish(batch: list[Job], output: np.ndarray) -> None:
+    """Split the batch's output back per job, encode each job's response, hand them to the event loop."""
+    pixels = imaging.to_uint8(output) if not all(job.raw for job in batch) else None  # once per batch
     results, start = [], 0
     for job in batch:
         try:
-            results.append(job.finish(pixels[start:start + job.size]))
+            rows = output if job.raw else pixels
+            results.append(job.finish(rows[start:start + job.size]))
         except Exception as err:
             results.append(err)
         start += job.size

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         with more threads (the event loop, not the model, is what saturates first: make bench). A GPU does
         the model's work for every worker, so one worker batches best there."""
         if self.workers is None:
-            from service.registry import cuda_chosen  # imports onnxruntime; not at module import
+            from service.providers import cuda_chosen  # imports onnxruntime; not at module import
             self.workers = 1 if cuda_chosen(self.providers) else available_cpus()
         if self.intra_op_threads is None:
             self.intra_op_threads = max(1, available_cpus() // self.workers)

@@ -8,6 +8,9 @@ documents the same fields in the OpenAPI schema, so clients see no difference.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from typing import Literal
 
 from fastapi import HTTPException
@@ -20,18 +23,50 @@ from service.config import Settings
 DEFAULT_NROW = 8
 
 
+# What the OpenAPI schema promises: an integer is written as one ("7", "-3"; not "7.0", " 7" or "7_000",
+# which pydantic's lax parsing would take), a number as a decimal or exponent literal.
+INTEGER = re.compile(r"-?[0-9]+")
+NUMBER = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _pattern(annotation) -> re.Pattern | None:
+    kinds = set(typing.get_args(annotation)) if isinstance(annotation, types.UnionType) else {annotation}
+    return INTEGER if int in kinds else NUMBER if float in kinds else None
+
+
 class QueryModel(BaseModel):
     # Unknown parameters are ignored, as FastAPI does; values arrive as strings and are parsed.
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     @classmethod
-    def parse(cls, query: dict[str, str]):
-        """The validated query, or a 422 naming each bad parameter in FastAPI's shape."""
+    def parse(cls, query):
+        """The validated query (a dict or Starlette's QueryParams), or a 422 naming each bad parameter in
+        FastAPI's shape. A parameter given twice, or a number not written as the schema says, is refused."""
+        problems = []
+        for name, pattern in cls._written_as():
+            values = query.getlist(name) if hasattr(query, "getlist") else [query[name]] if name in query else []
+            if len(values) > 1:
+                problems.append({"type": "value_error", "loc": ["query", name], "input": values,
+                                 "msg": f"given {len(values)} times; give it once"})
+            elif values and pattern and not pattern.fullmatch(values[0]):
+                kind = "an integer" if pattern is INTEGER else "a number"
+                problems.append({"type": "value_error", "loc": ["query", name], "input": values[0],
+                                 "msg": f"Input should be {kind}, written as one"})
+        if problems:
+            raise HTTPException(422, detail=problems)  # (the inputs are strings: nothing to encode)
         try:
             return cls.model_validate(query)
         except ValidationError as err:
             raise HTTPException(422, detail=jsonable_encoder(
                 [{**e, "loc": ["query", *map(str, e["loc"])]} for e in err.errors(include_url=False)])) from None
+
+
+    @classmethod
+    def _written_as(cls) -> list[tuple[str, re.Pattern | None]]:
+        """Each field and the pattern its raw value must match (None: any string), worked out once."""
+        if "_patterns" not in cls.__dict__:
+            cls._patterns = [(name, _pattern(field.annotation)) for name, field in cls.model_fields.items()]
+        return cls._patterns
 
 
 def query_models(settings: Settings) -> tuple[type[QueryModel], type[QueryModel], type[QueryModel]]:

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +57,78 @@ def state_equal(a: dict, b: dict) -> bool:
     if isinstance(a, torch.Tensor):
         return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     return a == b
+
+
+@contextlib.contextmanager
+def running_service(models_dir: Path, **settings: str):
+    """`python -m service` (one worker) on a free port over `models_dir`, DIGITGEN_<KEY> = each setting;
+    yields its base URL once every model is warmed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"DIGITGEN_LOG_LEVEL": "warning"} | {f"DIGITGEN_{k.upper()}": v for k, v in settings.items()}
+    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "1",
+                                "--models-dir", str(models_dir)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def imports_of(module) -> set[str]:
+    """Every module `module`'s source imports, at its top or inside a function."""
+    import ast
+    tree = ast.parse(Path(module.__file__).read_text())
+    found = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    return found | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+
+def _params(net) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def assert_alternation_holds(trainer, data: DigitData) -> None:
+    """The discriminator step leaves the generator untouched (no gradient, no update), and the generator
+    step leaves the discriminator untouched. `trainer` has n_critic 2; also used under DDP."""
+    G, D = trainer.nets["generator"], trainer.nets["discriminator"]
+    x, labels = data.train.images[:32], data.train.labels[:32]
+
+    g_before, d_before = _params(G), _params(D)
+    terms = trainer.step(x, labels, index=0)  # (0 + 1) % 2 != 0: a discriminator step only
+    assert "g_loss" not in terms
+    assert all(torch.equal(a, b) for a, b in zip(g_before, _params(G)))
+    assert all(p.grad is None for p in G.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(d_before, _params(D)))
+
+    # On the next index both steps run. When the generator step begins (its zero_grad), record D
+    # and clear D's gradients; afterwards D must be unchanged and must have received no gradient.
+    d_after_d_step = {}
+    original = trainer.optimizers["generator"].zero_grad
+
+    def spy(*args, **kwargs):
+        original(*args, **kwargs)
+        d_after_d_step["params"] = _params(D)
+        for p in D.parameters():
+            p.grad = None
+    trainer.optimizers["generator"].zero_grad = spy
+    g_before = _params(G)
+    try:
+        terms = trainer.step(x, labels, index=1)
+    finally:
+        trainer.optimizers["generator"].zero_grad = original
+    assert "g_loss" in terms
+    assert all(torch.equal(a, b) for a, b in zip(d_after_d_step["params"], _params(D)))
+    assert all(p.grad is None for p in D.parameters())
+    assert all(p.requires_grad for p in D.parameters())  # unfrozen again afterwards
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, _params(G)))
 
 
 @pytest.fixture

@@ -156,7 +156,15 @@ def test_a_response_does_not_depend_on_what_it_was_batched_with():
         assert a.content == b.content, f"{request} differs when batched"
 
 
-def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, monkeypatch):
+V2_GAN_INFER = {"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]}
+
+
+@pytest.mark.parametrize("method, path, body, endpoint, message", [
+    ("GET", "/sample?model=gan", None, "/sample", "detail"),
+    ("POST", "/v2/models/gan/infer", V2_GAN_INFER, "/v2/models/{name}/infer", "error"),  # the same queue
+])
+def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, monkeypatch, method, path, body,
+                                                                   endpoint, message):
     write_models_dir(tmp_path)
     entered, gate = threading.Event(), threading.Event()
     original = LoadedModel.run
@@ -191,15 +199,15 @@ def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, mon
                 await until(running)  # the first request is in the model, held there
                 pending += [get(1), get(2)]
                 await until(queued_two)  # two wait behind it: the queue is full
-                refused = await client.get("/sample", params={"model": "gan"})
+                refused = await client.request(method, path, json=body)
                 gate.set()
                 return refused, await asyncio.gather(*pending), (await client.get("/metrics")).text
 
     refused, served, metrics = asyncio.run(scenario())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert "queued" in refused.json()["detail"]
+    assert "queued" in refused.json()[message]
     assert [r.status_code for r in served] == [200, 200, 200]
-    assert 'digitgen_requests_total{endpoint="/sample",status="503"} 1.0' in metrics
+    assert f'digitgen_requests_total{{endpoint="{endpoint}",status="503"}} 1.0' in metrics
 
 
 def test_metrics_show_batch_sizes_queue_wait_and_inference_time(tmp_path):

@@ -8,16 +8,17 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_setup
-from training.__main__ import build_parser, main as cli, train_config_from_args
+from conftest import imports_of, tiny_setup
+from training.__main__ import main as cli
 from training.augment import augment, cutout, translate
 from training.bundle import RECIPES, check_recipe
 from training.loop import RunError, train
 from training.models import MODELS, model_config
+from training.settings import parse_train_flags, train_config_from_args
 
 
 def fake_run(path, recipe, **changes):
-    args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
+    args = parse_train_flags([recipe.model, *recipe.flags])
     config = dataclasses.replace(train_config_from_args(args), **changes)
     path.mkdir()
     record = {"train": dataclasses.asdict(config),
@@ -47,14 +48,23 @@ def test_each_recipe_is_what_the_bundled_model_was_trained_with():
     from service.manifest import load_manifest
     manifest = load_manifest(Path(__file__).resolve().parents[1] / "exported")
     for recipe in RECIPES.values():
-        config = train_config_from_args(build_parser().parse_args(["train", recipe.model, *recipe.flags]))
+        config = train_config_from_args(parse_train_flags([recipe.model, *recipe.flags]))
         entry = manifest.model(recipe.name)
         assert (entry.dataset, entry.training.epochs, entry.family) == (config.dataset, config.epochs, recipe.model)
 
 
+def test_the_bundle_and_the_command_line_do_not_import_each_other():
+    """The CLI imports the bundle (the `bundle` command); the bundle must reach training through
+    training.settings, not through the CLI, not even inside a function."""
+    import training.bundle
+    imported = imports_of(training.bundle)
+    assert "training.__main__" not in imported
+    assert "training.settings" in imported
+
+
 def test_every_recipe_parses():
     for recipe in RECIPES.values():
-        train_config_from_args(build_parser().parse_args(["train", recipe.model, *recipe.flags]))
+        train_config_from_args(parse_train_flags([recipe.model, *recipe.flags]))
 
 
 def test_translation_shifts_content_and_fills_with_background():

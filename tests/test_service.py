@@ -14,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import imports_of
 from onnx_fixtures import write_models_dir
 from service.app import create_app
 from service.config import Settings
-from service.registry import CPU, CUDA, Registry, choose_providers
+from service.providers import CPU, CUDA, choose_providers
+from service.registry import Registry
 
 
 @pytest.fixture
@@ -176,6 +178,15 @@ def test_truncation_applies_to_both_ends_of_a_walk(client):
     ("/sample", {"truncation": 0}, "truncation"),
     ("/generate", {"digit": 1, "truncation": 1.5}, "truncation"),
     ("/interpolate", {"truncation": "nan"}, "truncation"),
+    # integers written as integers, as the schema says (pydantic alone would take "0.0", " 5", "5_000")
+    ("/sample", {"seed": "0.0"}, "seed"),
+    ("/sample", {"seed": " 5"}, "seed"),
+    ("/sample", {"n": "1_0"}, "n"),
+    ("/generate", {"digit": "+3"}, "digit"),
+    ("/sample", {"truncation": " 0.5"}, "truncation"),
+    ("/sample", {"truncation": "1_0"}, "truncation"),
+    ("/sample", [("model", "gan"), ("model", "cgan")], "model"),  # given twice
+    ("/interpolate", [("seed", "1"), ("seed", "2")], "seed"),
 ])
 def test_bad_parameters_are_a_422_naming_the_parameter(client, path, params, param):
     response = client.get(path, params=params)
@@ -217,6 +228,15 @@ def test_cors_allows_the_configured_origin_and_exposes_the_seed(client):
     assert response.headers["access-control-allow-origin"] == "http://frontend.test"
     assert "X-Seed" in response.headers["access-control-expose-headers"]
     assert "access-control-allow-origin" not in client.get("/sample", headers={"Origin": "http://evil.test"}).headers
+
+
+def test_cors_lets_a_browser_post_v2_binary_requests(client):
+    preflight = client.options("/v2/models/gan/infer", headers={
+        "Origin": "http://frontend.test", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, inference-header-content-length"})
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "inference-header-content-length" in preflight.headers["access-control-allow-headers"].lower()
 
 
 def test_openapi_describes_every_query_parameter(client):
@@ -340,8 +360,16 @@ def test_settings_share_the_cpus_out_among_the_workers(monkeypatch):
     assert Settings(providers="cpu", workers=2).intra_op_threads == 4
     assert Settings(providers="cpu", workers=16).intra_op_threads == 1
     assert Settings(workers=1, intra_op_threads=3).intra_op_threads == 3
-    monkeypatch.setattr("service.registry.cuda_chosen", lambda setting: True)
+    monkeypatch.setattr("service.providers.cuda_chosen", lambda setting: True)
     assert Settings().workers == 1 and Settings().intra_op_threads == 8  # one worker feeds the GPU
+
+
+def test_the_settings_do_not_depend_on_the_registry():
+    """The registry reads the settings; the settings ask service.providers, never the registry."""
+    from service import config, providers
+    assert "service.registry" not in imports_of(config)
+    assert "service.providers" in imports_of(config)
+    assert not {"service.registry", "service.config"} & imports_of(providers)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.settings import parse_train_flags, run_train, train_config_from_args
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -38,14 +40,13 @@ def check_recipe(recipe: Recipe, run: Path) -> None:
     import dataclasses
     import json
 
-    from training.__main__ import build_parser, train_config_from_args
     from training.loop import RunError, saved_settings
     from training.models import MODELS, model_config
 
     record_path = run / "config.json"
     if not (run / "checkpoint.pt").exists() or not record_path.exists():
         return
-    args = build_parser().parse_args(["train", recipe.model, *recipe.flags])
+    args = parse_train_flags([recipe.model, *recipe.flags])
     wanted = dataclasses.asdict(train_config_from_args(args))
     wanted_model = dataclasses.asdict(model_config(MODELS[recipe.model], dict(args.set), latent_dim=args.latent_dim))
     record = json.loads(record_path.read_text())
@@ -62,17 +63,13 @@ def check_recipe(recipe: Recipe, run: Path) -> None:
 def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path("exported"),
           device: str = "auto", samples: int = 10_000, data_dir: str | None = None) -> None:
     """Train (or resume) each recipe, then export and evaluate it into `out_dir`."""
-    from training.__main__ import main as cli
     from training.export import export_run
-    from training.loop import RunError
 
     for name in names:
         recipe = RECIPES[name]
         run = runs_dir / name
         check_recipe(recipe, run)
         where = ["--data-dir", str(data_dir)] if data_dir else []
-        code = cli(["train", recipe.model, *recipe.flags, *where, "--device", device, "--out", str(run),
-                    "--resume", "--quiet"])
-        if code:
-            raise RunError(f"training {name} failed (exit {code}); its run is in {run}")
+        run_train(parse_train_flags([recipe.model, *recipe.flags, *where, "--device", device, "--out", str(run),
+                                     "--resume", "--quiet"]))
         export_run(run, name, out_dir, recipe.default_for, samples, data_dir=data_dir)

@@ -285,8 +285,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator,
-                     device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                     device: torch.device | str = "cpu", rank: int = 0, ranks: int = 1) -> list[torch.Tensor]:
     """Index batches for one epoch: a fresh permutation drawn on the CPU (so the order is the same on
-    every device), moved to `device` in one copy; full batches only (BatchNorm needs more than one)."""
+    every device and every rank), moved to `device` in one copy; full batches only (BatchNorm needs more
+    than one). With `ranks` processes, global batch k is the permutation's k-th run of ranks x batch_size
+    indices and this rank takes its `rank`-th part: together the ranks cover each image once per epoch,
+    and step k sees the images a one-process run with batch ranks x batch_size would."""
     order = torch.randperm(n, generator=generator).to(device)
-    return list(order[: n - n % batch_size].split(batch_size))
+    per_step = batch_size * ranks
+    steps = order[: n - n % per_step].view(-1, ranks, batch_size)  # [steps, ranks, batch]
+    return list(steps[:, rank].unbind(0))

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import pictures
+from training import distributed, pictures
 from training.atomic import atomic_path, write_text_atomic
 from training.data import DigitData, load_dataset, shuffled_batches
+from training.distributed import World
 from training.models import MODELS, ModelSpec
 from training.trainers import TrainConfig, Trainer, lr_scale, make_trainer
 
@@ -68,36 +69,59 @@ def read_history(path: Path, up_to_epoch: int) -> list[dict]:
     return [row for row in rows if row["epoch"] <= up_to_epoch]
 
 
-def _save_checkpoint(path: Path, trainer: Trainer, epoch: int, step: int, data_rng: torch.Generator) -> None:
+def _noise_state(device: torch.device, world: World) -> dict:
+    """This process's noise generators: the CPU's and, on CUDA, its device's (all devices when alone)."""
+    cuda = []
+    if device.type == "cuda":
+        cuda = [torch.cuda.get_rng_state(device)] if world.distributed else torch.cuda.get_rng_state_all()
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _save_checkpoint(path: Path, trainer: Trainer, epoch: int, step: int, data_rng: torch.Generator,
+                     world: World) -> None:
+    """Every rank takes part (it hands over its noise state); rank 0 writes."""
+    noise = distributed.gather(world, _noise_state(trainer.device, world))
+    if not world.main:
+        return
     state = {
         "epoch": epoch,
         "step": step,
+        "world_size": world.size,
         "trainer": trainer.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else [],
-            "data": data_rng.get_state(),
-        },
+        "rng": {**noise[0], "data": data_rng.get_state(), "ranks": noise[1:]},
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_checkpoint(path: Path, trainer: Trainer, data_rng: torch.Generator) -> tuple[int, int]:
+def _load_checkpoint(path: Path, trainer: Trainer, data_rng: torch.Generator,
+                     world: World | None = None) -> tuple[int, int]:
+    """The networks, optimizers and EMA; with `world` (resuming) also this rank's noise and the data order."""
     try:
         state = torch.load(path, map_location=trainer.device, weights_only=True)
         trainer.load_state_dict(state["trainer"])
     except Exception as err:  # any unreadable or mismatched checkpoint is the same user-facing problem
         raise RunError(f"{path}: cannot resume from this checkpoint ({err})") from err
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if trainer.device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+    if world is None:
+        return state["epoch"], state["step"]
+    saved_size = state.get("world_size", 1)
+    if saved_size != world.size:
+        raise RunError(f"{path} was written by a run of {saved_size} process(es); resume it with "
+                       f"{saved_size} (torchrun --nproc_per_node), not {world.size}: each process's data "
+                       f"shard, its noise and the global batch depend on the number of processes")
+    noise = state["rng"] if world.rank == 0 else state["rng"]["ranks"][world.rank - 1]
+    torch.set_rng_state(noise["torch"].cpu())
+    if trainer.device.type == "cuda" and noise["cuda"]:
+        if world.distributed:
+            torch.cuda.set_rng_state(noise["cuda"][0].cpu(), trainer.device)
+        else:
+            torch.cuda.set_rng_state_all([s.cpu() for s in noise["cuda"]])
     data_rng.set_state(state["rng"]["data"].cpu())
     return state["epoch"], state["step"]
 
 
 def _config_record(config: TrainConfig, model_config, spec: ModelSpec, device: torch.device,
-                   data: DigitData) -> dict:
+                   data: DigitData, world: World) -> dict:
     return {
         "train": dataclasses.asdict(config),
         "model_config": dataclasses.asdict(model_config),
@@ -107,6 +131,7 @@ def _config_record(config: TrainConfig, model_config, spec: ModelSpec, device: t
         "dataset": data.name,
         "class_names": list(data.class_names),
         "device": str(device),
+        "processes": world.size,  # the global batch is processes x train.batch_size
         "torch": torch.__version__,
     }
 
@@ -116,28 +141,45 @@ def _format_terms(terms: dict[str, float]) -> str:
 
 
 def train(config: TrainConfig, model_config, out: Path, resume: bool = False, progress: bool = True,
-          data: DigitData | None = None, log=print) -> RunResult:
-    """Train `config.model` into `out`, continuing from `out/checkpoint.pt` when `resume` is set."""
+          data: DigitData | None = None, log=print, world: World | None = None) -> RunResult:
+    """Train `config.model` into `out`, continuing from `out/checkpoint.pt` when `resume` is set.
+
+    Under torchrun (`world`: from the environment when not given) every rank runs this with the same
+    arguments; rank 0 alone writes `out`, logs and shows progress.
+    """
     spec = MODELS[config.model]
+    world = world or distributed.from_environment()
+    log = log if world.main else (lambda *_: None)
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    data_rng = torch.Generator().manual_seed(config.seed)
+    device = distributed.join(world, resolve_device(config.device))
+    torch.manual_seed(config.seed)  # the same initial networks on every rank
+    data_rng = torch.Generator().manual_seed(config.seed)  # the same permutations on every rank
     if data is None:
-        data = load_dataset(config.dataset, config.data_dir, limit=config.limit)
-    if config.batch_size > len(data.train):
-        raise RunError(f"--batch-size {config.batch_size}: larger than the {len(data.train)} training images")
+        data = distributed.local_first(world, lambda: load_dataset(config.dataset, config.data_dir,
+                                                                   limit=config.limit))
+    if config.batch_size * world.size > len(data.train):
+        raise RunError(f"--batch-size {config.batch_size}: {world.size} x {config.batch_size} is more than the "
+                       f"{len(data.train)} training images")
     data = data.to(device)  # the whole dataset lives on the training device
 
     trainer = make_trainer(spec, model_config, config, data.num_classes, device)
+    if world.distributed:
+        torch.manual_seed(distributed.noise_seed(config.seed, world))
     start_epoch, step = 0, 0
     if resume and checkpoint.exists():
-        start_epoch, step = _load_checkpoint(checkpoint, trainer, data_rng)
+        start_epoch, step = _load_checkpoint(checkpoint, trainer, data_rng, world)
         log(f"resuming {out} after epoch {start_epoch} (step {step})")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(_config_record(config, model_config, spec, device, data), indent=2))
+    starts = distributed.gather(world, start_epoch)
+    if len(set(starts)) > 1:
+        raise RunError(f"the ranks found different checkpoints in {out} (epochs {starts}): every process "
+                       f"must see the same run folder; on several machines put --out on a shared filesystem")
+    trainer.distribute(world)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.json", json.dumps(
+            _config_record(config, model_config, spec, device, data, world), indent=2))
     history = read_history(out / "metrics.jsonl", start_epoch)
     z_fixed, y_fixed = fixed_noise(trainer.sampler().latent_dim, trainer.num_classes, config.seed, device)
     snapshots = out / "snapshots"
@@ -147,9 +189,9 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         trainer.set_lr_scale(lr_scale(epoch, config.epochs, config.lr_decay_start))
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        batches = shuffled_batches(len(data.train), config.batch_size, data_rng, device)
+        batches = shuffled_batches(len(data.train), config.batch_size, data_rng, device, world.rank, world.size)
         bar = tqdm(batches, desc=f"{spec.name} epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=None if progress else True, leave=False, dynamic_ncols=True)
+                   disable=None if progress and world.main else True, leave=False, dynamic_ncols=True)
         started = time.perf_counter()
         for index, batch in enumerate(bar):
             terms = trainer.step(data.train.images[batch], data.train.labels[batch], index)
@@ -158,18 +200,21 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
                 sums[key] = sums.get(key, 0) + value
                 counts[key] = counts.get(key, 0) + 1
             if progress and index % 10 == 0:
-                rate = (index + 1) * config.batch_size / (time.perf_counter() - started)
+                rate = (index + 1) * config.batch_size * world.size / (time.perf_counter() - started)
                 bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} | {"img/s": f"{rate:.0f}"})
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "step": step}
-        row.update({key: float(sums[key]) / counts[key] for key in sums})
-        if hasattr(trainer, "validate"):
+        row.update(distributed.mean_over_ranks(world, {key: float(sums[key]) / counts[key] for key in sums}, device))
+        if hasattr(trainer, "validate") and world.main:
             row.update(trainer.validate(data.val.images, data.val.labels))
         row.update({"seconds": round(seconds, 3),
-                    "images_per_s": round(len(batches) * config.batch_size / seconds, 1)})
+                    "images_per_s": round(len(batches) * config.batch_size * world.size / seconds, 1)})
         history.append(row)
+        if not world.main:  # the checkpoint's gather is the ranks' one meeting point per epoch
+            _save_checkpoint(checkpoint, trainer, epoch, step, data_rng, world)
+            continue
 
         sampler = trainer.sampler()
         was_training = sampler.training
@@ -182,10 +227,11 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         pictures.save_progress_gif(frames, out / "progress.gif")
         pictures.save_loss_curves(history, out / "loss.png", f"{spec.name} on {data.name}")
         write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        _save_checkpoint(checkpoint, trainer, epoch, step, data_rng)
+        _save_checkpoint(checkpoint, trainer, epoch, step, data_rng, world)  # last: it vouches for the files
         terms = {k: v for k, v in row.items() if k not in ("epoch", "step", "seconds", "images_per_s")}
         log(f"{spec.name} epoch {epoch}/{config.epochs}  {_format_terms(terms)}  "
             f"{seconds:.1f}s  {row['images_per_s']:.0f} img/s")
+    distributed.barrier(world)  # every rank returns once rank 0's last checkpoint is on disk
     return RunResult(out, trainer, history)
 
 

@@ -118,6 +118,9 @@ class Trainer:
         self.nets = {role: net.to(device, memory_format=torch.channels_last)
                      for role, net in spec.build(model_config, num_classes).items()}
         self.optimizers = {role: make_optimizer(net.parameters(), config) for role, net in self.nets.items()}
+        # What the steps call to train: the networks themselves, or their DistributedDataParallel wrappers
+        # (`distribute`). Saving, sampling and the EMA always use `nets`, so no `module.` prefix leaks.
+        self.train_nets: dict[str, nn.Module] = dict(self.nets)
         self.ema: EMA | None = None
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                                        enabled=config.amp and native_bf16(device))
@@ -148,6 +151,30 @@ class Trainer:
         if self.ema:
             self.ema.load_state_dict(state["ema"])
 
+    def distribute(self, world) -> None:
+        """Wrap each network in DistributedDataParallel: its gradients are averaged across the ranks.
+
+        Only the main forward of each step goes through a wrapper; the extra forwards (gradient penalty,
+        R1, the frozen discriminator under the generator step, the prior flow) call the network itself,
+        so each backward reduces every gradient exactly once and a held network joins no reduction.
+        On CUDA the generator's BatchNorm becomes SyncBatchNorm (statistics over the global batch);
+        PyTorch runs SyncBatchNorm on GPUs only, so CPU ranks normalise over their own batch.
+        """
+        if not world.distributed:
+            return
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # A weight with one input channel has two valid layouts under channels_last; DDP's reducer notices
+        # the grad's and warns on every backward. Harmless for these few small tensors.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        cuda = self.device.type == "cuda"
+        for role, net in self.nets.items():
+            if cuda and role == "generator":  # the same Parameter objects: the optimizer and EMA still hold them
+                net = self.nets[role] = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            self.train_nets[role] = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
+
     def train(self, mode: bool = True) -> None:
         for net in self.nets.values():
             net.train(mode)
@@ -172,7 +199,7 @@ class VAETrainer(Trainer):
     def step(self, x, labels, index):
         model, opt = self.nets["model"], self.optimizers["model"]
         with self.autocast:
-            logits, mu, logvar = model(x, self.one_hot(labels))
+            logits, mu, logvar = self.train_nets["model"](x, self.one_hot(labels))
         recon, kl = losses.vae_terms(logits.float(), x, mu.float(), logvar.float())
         loss = recon + self.config.kl_weight * kl
         terms = {"loss": (recon + kl).detach(), "recon": recon.detach(), "kl": kl.detach()}
@@ -221,6 +248,7 @@ class AdversarialTrainer(Trainer):
 
     def step(self, x, labels, index):
         G, D = self.nets["generator"], self.nets["discriminator"]
+        G_train, D_train = self.train_nets["generator"], self.train_nets["discriminator"]
         opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
         real = x * 2 - 1                                  # the generator's tanh scale
         y = self.one_hot(labels)                          # fakes take the batch's own labels
@@ -230,10 +258,10 @@ class AdversarialTrainer(Trainer):
 
         # Discriminator step: the fake is detached, so the generator gets no gradient from it.
         with self.autocast, torch.set_grad_enabled(train_g):
-            fake = G(z, y)                                # kept with its graph when G trains next
+            fake = G_train(z, y)                          # kept with its graph when G trains next
         seen = augment(torch.cat([real, fake.detach()]), self.config.augment)
         with self.autocast:
-            both = D(seen, None if y is None else torch.cat([y, y]))
+            both = D_train(seen, None if y is None else torch.cat([y, y]))
         real_out, fake_out = both.float().chunk(2)
         if self.wasserstein:
             d_loss = losses.critic_loss(real_out, fake_out)

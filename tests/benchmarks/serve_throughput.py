@@ -7,7 +7,9 @@ log) in the same number of worker processes, each with its own listening socket 
             Pillow PNG, the bundled cgan
   ceiling   tests/benchmarks/servers/ceiling.py: a constant, pre-encoded PNG from an async endpoint
   service   python -m service on exported/ (dynamic batching, `make serve`'s defaults)
-Loads: GET /generate?digit=3&n=1 at concurrency 1, 16 and 64, GET /sample?n=64 at concurrency 16;
+Loads: GET /generate?digit=3&n=1 at concurrency 1, 16 and 64, GET /sample?n=64 at concurrency 16, and
+(service only) one image through the Open Inference Protocol, POST /v2/models/cgan/infer with binary
+tensor data in and out, at concurrency 64: the protocol's cost beside /generate's;
 the loads are interleaved across the servers (each round runs every server at one load before the
 next load). Then the in-process limit (ONNX Runtime + PNG encoding in a loop, no HTTP) and the
 service's resident memory over a run at concurrency 64.
@@ -40,7 +42,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVERS_DIR = Path(__file__).resolve().parent / "servers"
 GENERATE = "/generate?digit=3&n=1"
 SAMPLE = "/sample?n=64"
-LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16)]  # path, images, concurrency
+V2_INFER = "/v2/models/cgan/infer"
+LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16),
+         (V2_INFER, 1, 64)]  # path, images, concurrency
 STATS_LUA = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -50,6 +54,20 @@ done = function(summary, latency, requests)
     e.connect + e.read + e.write + e.timeout, e.status))
 end
 """
+
+
+def v2_request_lua(latent_dim: int = 64, num_classes: int = 10) -> str:
+    """wrk's request for V2_INFER: one z (seed 3) and a one-hot 3 as binary tensor data, binary output."""
+    import numpy as np
+    z = np.random.default_rng(3).standard_normal((1, latent_dim), dtype=np.float32)
+    y = np.eye(num_classes, dtype=np.float32)[[3]]
+    header = json.dumps({"inputs": [
+        {"name": "z", "shape": [1, latent_dim], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
+        {"name": "y", "shape": [1, num_classes], "datatype": "FP32", "parameters": {"binary_data_size": y.nbytes}}],
+        "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}).encode()
+    body = "".join(f"\\{b}" for b in header + z.tobytes() + y.tobytes())  # Lua decimal escapes
+    return (f'wrk.method = "POST"\nwrk.headers["Inference-Header-Content-Length"] = "{len(header)}"\n'
+            f'wrk.headers["Content-Type"] = "application/octet-stream"\nwrk.body = "{body}"\n')
 
 
 @dataclass
@@ -230,9 +248,12 @@ def main() -> None:
     names = [s.name for s in servers]
 
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script, \
+            tempfile.NamedTemporaryFile("w", suffix=".lua") as v2_script:
         script.write(STATS_LUA)
         script.flush()
+        v2_script.write(v2_request_lua() + STATS_LUA)
+        v2_script.flush()
         try:
             for server in servers:
                 start(server)
@@ -245,8 +266,11 @@ def main() -> None:
                     for server in servers:
                         if server.name == "ceiling" and path != GENERATE:
                             continue  # the ceiling is the HTTP limit for one small image
+                        if path == V2_INFER and server.name == "baseline":
+                            continue  # it speaks no V2
                         key = f"{path} c{concurrency}"
-                        run = wrk(binary, script.name, server.url + path, concurrency, args.seconds)
+                        lua = v2_script.name if path == V2_INFER else script.name
+                        run = wrk(binary, lua, server.url + path, concurrency, args.seconds)
                         runs.setdefault((server.name, key), []).append(run)
                         print(f"{server.name:10} {key:28} {run['rps']:8.0f} req/s  p50 {run['p50_ms']:6.2f} ms  "
                               f"p99 {run['p99_ms']:6.1f} ms  errors {run['errors']}", flush=True)
@@ -283,6 +307,8 @@ def main() -> None:
             lines.append(f"/generate c64: {s[c64]['rps'] / results['ceiling'][c64]['rps']:.0%} of the ceiling "
                          f"(target >= 50%); p99 {s[c64]['p99_ms']:.1f} ms (target <= 50)")
         lines.append(f"/generate c1: p50 {s[f'{GENERATE} c1']['p50_ms']:.2f} ms (target <= 2)")
+        lines.append(f"V2 infer (binary, one image) c64: {s[f'{V2_INFER} c64']['rps'] / s[c64]['rps']:.2f}x "
+                     f"/generate's req/s; p99 {s[f'{V2_INFER} c64']['p99_ms']:.1f} ms")
         lines.append(f"/sample?n=64: {s[f'{SAMPLE} c16']['rps'] * 64 / limits[64]:.0%} of the in-process "
                      f"images/s (target >= 80%)")
         if memory:

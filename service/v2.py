@@ -1,0 +1,372 @@
+"""The Open Inference Protocol (KServe V2) over the same models: what Triton, KServe, MLServer and Seldon
+speak, so a client written for them (tritonclient, in JSON or binary mode) works against this service.
+
+Infer requests share each model's batcher with the image endpoints: one ONNX Runtime call serves both,
+under the same queue bound. The output is the model's own (float32 intensities in [0, 1], [N, 1, 28, 28]),
+exactly what ONNX Runtime returns on the exported file. Errors use the protocol's shape, {"error": "..."}.
+Tensor data arrives as JSON (`data`, row-major, flat or nested) or, with Triton's binary tensor data
+extension, as raw little-endian bytes after a JSON header of `Inference-Header-Content-Length` bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.batching import RETRY_AFTER_S, QueueFull
+from service.manifest import ModelEntry
+from service.registry import LoadedModel, Registry
+
+PLATFORM = "onnxruntime_onnx"
+VERSION = "1"  # each model has one version: the file the manifest names
+HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUT = "image"
+IMAGE_SHAPE = (1, 28, 28)
+ONE_HOT_TOLERANCE = 1e-4  # y rows must sum to 1 within this (float32 blends of one-hots)
+
+
+class V2Error(Exception):
+    """A request the protocol answers with {"error": message} and `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def error_response(request: Request, err: V2Error) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+
+# --- the OpenAPI description of the protocol's bodies (the parsing below is by hand: the binary mode
+# puts bytes after the JSON, and errors must be 400 {"error"}, not FastAPI's 422) ---------------------
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TensorParameters(_Open):
+    binary_data_size: int | None = Field(None, ge=0, description="bytes of this tensor after the JSON header "
+                                                                 "(binary tensor data extension)")
+
+
+class InputTensor(BaseModel):
+    name: str = Field(description="z (latent vectors) or y (class vectors of a conditional model)")
+    shape: list[int] = Field(min_length=2, max_length=2, description="[batch, width]")
+    datatype: str = Field(json_schema_extra={"enum": ["FP32"]}, description="FP32 only")
+    data: list[Any] | None = Field(None, description="row-major values (flat or nested); omitted when the "
+                                                     "tensor is sent as binary data")
+    parameters: TensorParameters | None = None
+
+
+class OutputParameters(_Open):
+    binary_data: bool | None = Field(None, description="return this output as binary data")
+
+
+class RequestedOutput(BaseModel):
+    name: str = Field(json_schema_extra={"enum": [OUTPUT]})
+    parameters: OutputParameters | None = None
+
+
+class RequestParameters(_Open):
+    binary_data_output: bool | None = Field(None, description="return every output as binary data")
+
+
+class InferRequest(BaseModel):
+    id: str | None = Field(None, description="echoed in the response")
+    parameters: RequestParameters | None = None
+    inputs: list[InputTensor] = Field(min_length=1, max_length=2)
+    outputs: list[RequestedOutput] | None = Field(None, max_length=1)
+
+
+class OutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[OutputTensor]
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (400, "a malformed request or input: the message names the input and what is wrong"),
+    (404, "no such model or version"),
+    (503, "not ready, or the model's queue is full (Retry-After)"))}
+
+
+def _request_body_doc() -> dict:
+    """The infer body's JSON schema, its definitions inlined (the route documents it by hand)."""
+    schema = InferRequest.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+# --- parsing and validation ---------------------------------------------------------------------------
+
+def model_metadata(entry: ModelEntry) -> dict:
+    inputs = [{"name": "z", "datatype": "FP32", "shape": [-1, entry.latent_dim]}]
+    if entry.conditional:
+        inputs.append({"name": "y", "datatype": "FP32", "shape": [-1, entry.num_classes]})
+    return {"name": entry.name, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs,
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, *IMAGE_SHAPE]}]}
+
+
+def _bad(message: str) -> V2Error:
+    return V2Error(400, message)
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """The JSON header and the binary tensor data after it."""
+    if header_length is None:
+        cut = len(body)
+    else:
+        try:
+            cut = int(header_length)
+        except ValueError:
+            raise _bad(f"{HEADER_LENGTH}: {header_length!r} is not an integer") from None
+        if not 0 < cut <= len(body):
+            raise _bad(f"{HEADER_LENGTH}: {cut} is outside the body's {len(body)} bytes")
+    try:
+        header = json.loads(body[:cut])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _bad(f"the request is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _bad("the request must be a JSON object with `inputs`")
+    return header, body[cut:]
+
+
+def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int]) -> tuple[str, np.ndarray, int]:
+    """One input tensor as float32 [batch, width], and the binary offset after it."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise _bad("each input needs a `name`")
+    name = spec["name"]
+    if name not in widths:
+        raise _bad(f"input {name!r}: this model takes {' and '.join(widths)}")
+    if spec.get("datatype") != "FP32":
+        raise _bad(f"input {name!r}: datatype {spec.get('datatype')!r}; this model takes FP32")
+    shape = spec.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise _bad(f"input {name!r}: shape {shape!r}; expected [batch, {widths[name]}]")
+    if shape[1] != widths[name] or shape[0] < 1:
+        raise _bad(f"input {name!r}: shape {shape}; expected [batch >= 1, {widths[name]}]")
+    count = shape[0] * shape[1]
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad(f"input {name!r}: `parameters` must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size != 4 * count:
+            raise _bad(f"input {name!r}: binary_data_size {size!r}; shape {shape} of FP32 is {4 * count} bytes")
+        if offset + size > len(binary):
+            raise _bad(f"input {name!r}: binary_data_size {size} but only {len(binary) - offset} bytes are left")
+        values = np.frombuffer(binary, dtype="<f4", count=count, offset=offset).astype(np.float32)
+        offset += size
+    else:
+        if "data" not in spec:
+            raise _bad(f"input {name!r}: no `data` and no binary_data_size")
+        flat = list(_flatten(spec["data"]))
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+            raise _bad(f"input {name!r}: `data` must hold numbers only")
+        if len(flat) != count:
+            raise _bad(f"input {name!r}: {len(flat)} values for shape {shape} ({count})")
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+            values = np.array(flat, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(values).all():
+        raise _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)")
+    return name, values.reshape(shape), offset
+
+
+def _flatten(data: Any):
+    """The values of a flat or nested list, row-major."""
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def parse_infer(header: dict, binary: bytes, entry: ModelEntry, max_n: int
+                ) -> tuple[np.ndarray, np.ndarray | None, bool, str | None]:
+    """z, y, whether the output goes back as binary data, and the request id."""
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise _bad("`id` must be a string")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise _bad("`inputs` must be a non-empty list")
+    widths = {"z": entry.latent_dim} | ({"y": entry.num_classes} if entry.conditional else {})
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in inputs:
+        name, values, offset = _tensor(spec, binary, offset, widths)
+        if name in tensors:
+            raise _bad(f"input {name!r} is given twice")
+        tensors[name] = values
+    if offset != len(binary):
+        raise _bad(f"{len(binary) - offset} bytes of binary data after the last input's")
+    missing = [name for name in widths if name not in tensors]
+    if missing:
+        raise _bad(f"input {missing[0]!r} is missing: model {entry.name!r} takes {' and '.join(widths)}")
+    z, y = tensors["z"], tensors.get("y")
+    if len(z) > max_n:
+        raise _bad(f"input 'z': batch {len(z)} is more than this service's largest, {max_n} (DIGITGEN_MAX_N)")
+    if y is not None:
+        if len(y) != len(z):
+            raise _bad(f"input 'y': batch {len(y)} differs from z's {len(z)}")
+        if (y < 0).any() or (y > 1).any():
+            raise _bad("input 'y': values must lie in [0, 1] (a one-hot class or a convex blend)")
+        sums = y.astype(np.float64).sum(axis=1)
+        if (np.abs(sums - 1) > ONE_HOT_TOLERANCE).any():
+            row = int(np.argmax(np.abs(sums - 1)))
+            raise _bad(f"input 'y': row {row} sums to {sums[row]:.6g}; each row must sum to 1")
+    return z, y, _binary_output(header), request_id
+
+
+def _binary_output(header: dict) -> bool:
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise _bad("`parameters` must be an object")
+    binary = parameters.get("binary_data_output", False)
+    outputs = header.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise _bad("`outputs` must be a list")
+        for out in outputs:
+            if not isinstance(out, dict) or out.get("name") != OUTPUT:
+                name = out.get("name") if isinstance(out, dict) else out
+                raise _bad(f"output {name!r}: the model's only output is {OUTPUT!r}")
+            options = out.get("parameters") or {}
+            if not isinstance(options, dict):
+                raise _bad(f"output {OUTPUT!r}: `parameters` must be an object")
+            binary = options.get("binary_data", binary)
+    if not isinstance(binary, bool):
+        raise _bad(f"binary_data: {binary!r} is not true or false")
+    return binary
+
+
+def infer_response(output: np.ndarray, model: str, request_id: str | None, binary: bool) -> Response:
+    """The protocol's response: the output tensor as JSON data or as binary data after the JSON header.
+    Runs on an encode thread."""
+    output = np.ascontiguousarray(output, dtype="<f4")
+    tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": list(output.shape)}
+    body: dict[str, Any] = {"model_name": model, "model_version": VERSION}
+    if request_id is not None:
+        body["id"] = request_id
+    if not binary:
+        tensor["data"] = output.ravel().tolist()
+        return JSONResponse(body | {"outputs": [tensor]})
+    tensor["parameters"] = {"binary_data_size": output.nbytes}
+    header = json.dumps(body | {"outputs": [tensor]}, separators=(",", ":")).encode()
+    return Response(header + output.tobytes(), media_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(header))})
+
+
+# --- routes -------------------------------------------------------------------------------------------
+
+def router(title: str, version: str) -> APIRouter:
+    routes = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
+
+    def loaded(request: Request, name: str, version: str | None) -> LoadedModel:
+        reg: Registry = request.app.state.registry
+        if name not in reg.models:
+            why = f" (left out at startup: {reg.failures[name]})" if name in reg.failures else ""
+            raise V2Error(404, f"model {name!r} not found{why}; available: {', '.join(reg.models) or 'none'}")
+        if version not in (None, VERSION):
+            raise V2Error(404, f"model {name!r} has no version {version!r}; its only version is {VERSION}")
+        return reg.models[name]
+
+    @routes.get("", summary="Server metadata", response_model=ServerMetadata)
+    async def server_metadata():
+        return {"name": title, "version": version, "extensions": ["binary_tensor_data"]}
+
+    @routes.get("/health/live", summary="Server liveness", response_class=Response,
+                responses={200: {"description": "live (empty body)"}})
+    async def live():
+        return Response(status_code=200)
+
+    @routes.get("/health/ready", summary="Server readiness: every loaded model warmed", response_class=Response,
+                responses={200: {"description": "ready (empty body)"}, 503: ERRORS[503]})
+    async def ready(request: Request):
+        if not request.app.state.registry.ready:
+            raise V2Error(503, "warming up")
+        return Response(status_code=200)
+
+    async def metadata(request: Request, name: str, version: str | None = None):
+        return model_metadata(loaded(request, name, version).entry)
+
+    async def model_ready(request: Request, name: str, version: str | None = None):
+        if not loaded(request, name, version).warmed:
+            raise V2Error(503, f"model {name!r} is warming up")
+        return Response(status_code=200)
+
+    async def infer(request: Request, name: str, version: str | None = None):
+        model = loaded(request, name, version)
+        settings = request.app.state.settings
+        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        z, y, binary_out, request_id = parse_infer(header, binary, model.entry, settings.max_n)
+        batcher = request.app.state.batchers[model.name]
+        try:
+            future = batcher.submit(len(z), lambda: (z, y), partial(infer_response, model=model.name,
+                                                                    request_id=request_id, binary=binary_out),
+                                    raw=True)
+        except QueueFull as full:
+            raise V2Error(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
+        return await future
+
+    infer_doc = _request_body_doc()
+    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+        routes.add_api_route(prefix, metadata, methods=["GET"], summary="Model metadata",
+                             response_model=ModelMetadata, responses={404: ERRORS[404]})
+        routes.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"], summary="Model readiness",
+                             response_class=Response, responses={200: {"description": "ready (empty body)"},
+                                                                 404: ERRORS[404], 503: ERRORS[503]})
+        routes.add_api_route(f"{prefix}/infer", infer, methods=["POST"], summary="Inference",
+                             openapi_extra=infer_doc, responses={
+                                 200: {"model": InferResponse, "description": "the output as JSON, or (binary "
+                                       "data) a JSON header of Inference-Header-Content-Length bytes then the "
+                                       "raw float32 tensor", "content": {"application/octet-stream": {}}},
+                                 **ERRORS})
+    return routes
