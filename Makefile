@@ -13,7 +13,7 @@ DEVICE ?= auto
 # Where MNIST's four IDX files are (or are downloaded to); `make train DATA_DIR=/path/to/mnist` for a local copy.
 DATA_DIR ?=
 
-.PHONY: serve test train bench bench-serve bench-train clean
+.PHONY: serve test train bench bench-serve bench-train keygen clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(TRAINED)
 # Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)
 	$(BIN)/python -m training bundle --device $(DEVICE) $(if $(MODELS),--only $(MODELS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+# A new API key for DIGITGEN_API_KEYS_FILE: make keygen NAME=frontend
+keygen: $(BASE)
+	$(BIN)/python -m service keygen $(or $(NAME),$(error NAME=... is required, e.g. make keygen NAME=frontend))
 
 # Measurements, not tests: the HTTP load benchmark (installs wrk from Debian when missing), then training speed.
 bench: bench-serve bench-train

@@ -1,5 +1,6 @@
 """`python -m service [--host] [--port] [--models-dir] [--workers]`: serve exported/ with uvicorn.
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
+`python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 
 Flags override DIGITGEN_* environment variables; they are handed to the workers as those variables.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service import workers
+from service.auth import KeyFileError, load_keys, new_key
 from service.config import Settings
 from service.manifest import ManifestError, load_manifest
 
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["triton-repository"]:
         return triton_repository(argv[1:])
+    if argv[:1] == ["keygen"]:
+        return keygen(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
@@ -42,12 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
+        if settings.api_keys_file:
+            load_keys(settings.api_keys_file)
     except ValidationError as err:
         for problem in err.errors():
             name = "DIGITGEN_" + "_".join(str(p) for p in problem["loc"]).upper()
             print(f"error: {name}={problem.get('input')!r}: {problem['msg']}", file=sys.stderr)
         return 2
-    except ManifestError as err:
+    except (ManifestError, KeyFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,6 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as err:
             print(f"error: --host {args.host} --port {args.port}: {err.strerror or err}", file=sys.stderr)
             return 2
+
+
+def keygen(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service keygen",
+                                     description="Print a new random API key and its line for DIGITGEN_API_KEYS_FILE "
+                                                 "(the file holds the key's SHA-256, never the key).")
+    parser.add_argument("name", metavar="NAME", help="who the key is for; /metrics counts requests by it")
+    args = parser.parse_args(argv)
+    try:
+        key, line = new_key(args.name)
+    except KeyFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"key:  {key}\nline: {line}\n# give the key to its user; append the line to the keys file, e.g.\n"
+          f"#   echo '{line}' >> keys.txt")
+    return 0
 
 
 def triton_repository(argv: list[str]) -> int:

@@ -20,12 +20,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import imaging, sampling, v2
+from service import caching, imaging, sampling, v2
+from service.auth import ApiKeys, load_keys
 from service.batching import RETRY_AFTER_S, Batcher, Inputs, QueueFull
 from service.config import Settings
 from service.queries import openapi_query, query_models
 from service.metrics import Metrics
+from service.page import add_page
 from service.registry import LoadedModel, Registry
+from service.reload import Reloader
 
 log = logging.getLogger("digitgen.app")
 
@@ -37,7 +40,9 @@ VERSION = "0.1.0"
 IMAGE_RESPONSES = {
     200: {"content": {"image/png": {}, "application/json": {}},
           "description": "format=png: one PNG grid (X-Seed header); format=json: "
-                         '{"model", "seed", "width", "height", "images": [base64 PNG, ...]}'},
+                         '{"model", "seed", "width", "height", "images": [base64 PNG, ...]}. With a seed: a '
+                         "strong ETag and Cache-Control: public, max-age=31536000, immutable; without: no-store"},
+    304: {"description": "a seeded request whose If-None-Match holds its ETag: no body, the model not run"},
     404: {"description": "unknown model; the message lists the available ones"},
     422: {"description": "a parameter out of range or not applicable; the message names it"},
     503: {"description": "the model's queue is full (Retry-After says when to try again), or no model "
@@ -63,9 +68,13 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         app.state.settings, app.state.batchers = settings, batchers
         loaded = app.state.registry.models
         log.info("serving %d model(s): %s", len(loaded), ", ".join(loaded) or "none")
-        for name, model in loaded.items():
-            batchers[name] = Batcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                                     settings.max_queued, encoder, metrics)
+
+        def batcher_for(model: LoadedModel) -> Batcher:
+            return Batcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.max_queued,
+                           encoder, metrics)
+        batchers.update({name: batcher_for(model) for name, model in loaded.items()})
+        app.state.reloader = Reloader(app.state, settings, metrics, batcher_for)
+        app.state.reloader.listen()
         warming = None
         if warm:
             warming = asyncio.get_running_loop().run_in_executor(encoder, _warm_all, app.state.registry,
@@ -81,11 +90,15 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan,
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     app.include_router(v2.router("digit-gen", VERSION))
+    add_page(app)
     app.add_exception_handler(v2.V2Error, v2.error_response)
+    if settings.api_keys_file:  # inside CORS: preflights pass, and a browser can read the 401
+        app.add_middleware(ApiKeys, keys=load_keys(settings.api_keys_file), counter=metrics.key_requests)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", v2.HEADER_LENGTH],
-                           expose_headers=["X-Seed", "X-Seed-To", "X-Model", "X-Truncation", v2.HEADER_LENGTH])
+                           allow_headers=["Content-Type", "Authorization", "X-API-Key", v2.HEADER_LENGTH],
+                           expose_headers=["X-Seed", "X-Seed-To", "X-Model", "X-Truncation", "ETag",
+                                           v2.HEADER_LENGTH])
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     def resolve(request: Request, name: str | None, endpoint: str) -> LoadedModel:
@@ -99,15 +112,26 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                                             f"available: {', '.join(reg.models) or 'none'}")
         return reg.models[name]
 
+    def revalidate(request: Request, model: LoadedModel, endpoint: str, q) -> tuple[str | None, Response | None]:
+        """A seeded request's ETag, and the 304 to answer at once when the client already holds it."""
+        if q.seed is None:
+            return None, None
+        tag = caching.etag(model.entry.sha256, endpoint, q.model_dump() | {"model": model.name})
+        if caching.matches(request.headers.get("if-none-match"), tag):
+            return tag, Response(status_code=304, headers=caching.headers(tag))
+        return tag, None
+
     async def respond(model: LoadedModel, size: int, inputs: Inputs, fmt: str, nrow: int, scale: int,
-                      info: dict) -> Response:
+                      info: dict, tag: str | None) -> Response:
         """Queue the request on the model's batcher; its images come back encoded as `fmt`."""
         try:
             future = batchers[model.name].submit(size, inputs,
                                                  partial(render, fmt=fmt, nrow=nrow, scale=scale, info=info))
         except QueueFull as full:
             raise HTTPException(503, detail=f"{full}; retry shortly", headers={"Retry-After": RETRY_AFTER_S})
-        return await future
+        response = await future
+        response.headers.update(caching.headers(tag))
+        return response
 
     SampleQuery, GenerateQuery, InterpolateQuery = query_models(settings)
 
@@ -116,6 +140,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         """n images from a model. A conditional model draws a random class per image (listed in JSON as `digits`)."""
         q = SampleQuery.parse(request.query_params)
         loaded = resolve(request, q.model, "sample")
+        tag, not_modified = revalidate(request, loaded, "sample", q)
+        if not_modified:
+            return not_modified
         seed = sampling.new_seed() if q.seed is None else q.seed
         entry = loaded.entry
         info = {"model": loaded.name, "seed": seed, "truncation": q.truncation}
@@ -127,7 +154,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         def inputs():
             y = None if classes is None else sampling.one_hot(classes, entry.num_classes)
             return sampling.latents(seed, q.n, entry.latent_dim, q.truncation), y
-        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
+        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info, tag)
 
     @app.get("/generate", responses=IMAGE_RESPONSES, summary="Digits of one class",
              openapi_extra=openapi_query(GenerateQuery))
@@ -141,13 +168,16 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                                        f"{', '.join(_conditional(request)) or 'none loaded'}")
         if q.digit >= entry.num_classes:
             raise query_error("digit", f"model {loaded.name!r} has classes 0-{entry.num_classes - 1}")
+        tag, not_modified = revalidate(request, loaded, "generate", q)
+        if not_modified:
+            return not_modified
         seed = sampling.new_seed() if q.seed is None else q.seed
         info = {"model": loaded.name, "seed": seed, "digit": q.digit, "truncation": q.truncation}
 
         def inputs():
             return (sampling.latents(seed, q.n, entry.latent_dim, q.truncation),
                     sampling.one_hot([q.digit] * q.n, entry.num_classes))
-        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info)
+        return await respond(loaded, q.n, inputs, q.format, q.nrow, q.scale, info, tag)
 
     @app.get("/interpolate", responses=IMAGE_RESPONSES | {200: {
         "content": {"image/png": {}, "image/gif": {}, "application/json": {}},
@@ -164,6 +194,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 raise query_error(name, f"model {loaded.name!r} is not conditional: it takes no class")
             if value is not None and value >= entry.num_classes:
                 raise query_error(name, f"model {loaded.name!r} has classes 0-{entry.num_classes - 1}")
+        tag, not_modified = revalidate(request, loaded, "interpolate", q)
+        if not_modified:
+            return not_modified
         seed = sampling.new_seed() if q.seed is None else q.seed
         seed_to = q.seed_to
         if seed_to is None:
@@ -182,7 +215,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
                 return z, None
             ends = sampling.one_hot([info["digit"], info["digit_to"]], entry.num_classes)
             return z, sampling.linear(ends[0], ends[1], np.linspace(0.0, 1.0, q.steps))
-        return await respond(loaded, q.steps, inputs, q.format, q.steps, q.scale, info)
+        return await respond(loaded, q.steps, inputs, q.format, q.steps, q.scale, info, tag)
 
     def describe(reg: Registry, model: LoadedModel) -> dict:
         e = model.entry
@@ -211,7 +244,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     async def readyz(request: Request):
         reg: Registry = request.app.state.registry
         body = {"ready": reg.ready, "models": {n: m.warmed for n, m in reg.models.items()},
-                "left_out": reg.failures}
+                "left_out": reg.failures | request.app.state.reloader.left_out()}
         return JSONResponse(body, status_code=200 if reg.ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

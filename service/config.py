@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_scale: int = Field(8, ge=1, description="largest upscaling factor")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
+    api_keys_file: Path | None = Field(None, description="file of `NAME SHA256_OF_THE_KEY` lines: when set, the "
+                                                           "model endpoints need one of those keys")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
 

@@ -28,6 +28,10 @@ class Metrics:
                                ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
         self.queue_wait = Histogram("digitgen_queue_wait_seconds", "time a request waited for its batch, by model",
                                     ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.reloads = Counter("digitgen_reloads", "model set reloads (SIGHUP) by result: ok or failed",
+                               ["result"], registry=self.registry)
+        self.key_requests = Counter("digitgen_key_requests", "requests by API key name (never the key)",
+                                    ["key"], registry=self.registry)
         self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model",
                             ["model"], registry=self.registry, multiprocess_mode="livesum")
 

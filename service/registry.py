@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import Settings
-from service.manifest import ENDPOINTS, Manifest, ModelEntry, load_manifest, sha256_of
+from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest, sha256_of
 from service.providers import CPU, choose_providers, nvidia_driver_present
 
 log = logging.getLogger("digitgen.registry")
@@ -23,6 +23,14 @@ log = logging.getLogger("digitgen.registry")
 
 class ModelFileError(Exception):
     """A model left out at startup; the message says why."""
+
+
+class ReloadError(Exception):
+    """A reload that cannot complete: `what` is the model (or "manifest") that failed, `reason` why."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.what, self.reason = what, reason
 
 
 @dataclass
@@ -84,6 +92,35 @@ class Registry:
                 failures[entry.name] = str(err)
                 log.error("model %s left out: %s", entry.name, err)
         return cls(manifest, models, failures)
+
+    def successor(self, settings: Settings, warm_sizes: tuple[int, ...]) -> Registry:
+        """The registry the manifest describes now, for a reload: models whose entry is unchanged are
+        this registry's own (their sessions and batchers carry on); new or changed ones are opened,
+        checked and warmed here. Blocking (call it off the event loop). A manifest, or any model of it,
+        that fails raises ReloadError: the caller keeps this registry."""
+        try:
+            manifest = load_manifest(settings.models_dir)
+        except ManifestError as err:
+            raise ReloadError("manifest", str(err)) from None
+        providers = choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(),
+                                     quiet=True)
+        models = {}
+        for entry in manifest.models:
+            current = self.models.get(entry.name)
+            if current is not None and current.entry == entry:
+                models[entry.name] = current
+                continue
+            try:
+                model = _open(entry, Path(settings.models_dir), providers, settings)
+                model.warm(warm_sizes)
+            except ModelFileError as err:
+                raise ReloadError(entry.name, str(err)) from None
+            except Exception as err:  # a file that loads but cannot run
+                raise ReloadError(entry.name, f"warm-up failed: {err}") from None
+            models[entry.name] = model
+        if not models:
+            raise ReloadError("manifest", "it lists no models")
+        return Registry(manifest, models, {})
 
     @property
     def ready(self) -> bool:

@@ -343,9 +343,10 @@ def router(title: str, version: str) -> APIRouter:
         return Response(status_code=200)
 
     async def infer(request: Request, name: str, version: str | None = None):
-        model = loaded(request, name, version)
+        body = await request.body()  # first: from here to the batcher's submit nothing awaits, so a model
+        model = loaded(request, name, version)  # set swapped by a reload cannot change under the request
         settings = request.app.state.settings
-        header, binary = split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
         z, y, binary_out, request_id = parse_infer(header, binary, model.entry, settings.max_n)
         batcher = request.app.state.batchers[model.name]
         try:

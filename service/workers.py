@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -57,13 +58,21 @@ def serve(config: dict, workers: int, startup_grace_s: float = STARTUP_GRACE_S) 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    processes: list[tuple[multiprocessing.Process, float]] = []
+
+    def reload_every_worker(*_) -> None:
+        """SIGHUP: each worker reloads its models (service/reload.py)."""
+        for process, _ in processes:
+            if process.is_alive() and process.pid:
+                os.kill(process.pid, signal.SIGHUP)
+    signal.signal(signal.SIGHUP, reload_every_worker)
 
     def start() -> tuple[multiprocessing.Process, float]:
         process = context.Process(target=_worker, args=(config,), name="digitgen-worker")
         process.start()
         return process, time.monotonic()
 
-    processes = [start() for _ in range(workers)]
+    processes.extend(start() for _ in range(workers))
     status = 0
     while not stop.wait(0.5):
         for i, (process, started) in enumerate(processes):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,25 +60,34 @@ def state_equal(a: dict, b: dict) -> bool:
     return a == b
 
 
+@dataclass
+class RunningService:
+    url: str
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def running_service(models_dir: Path, **settings: str):
-    """`python -m service` (one worker) on a free port over `models_dir`, DIGITGEN_<KEY> = each setting;
-    yields its base URL once every model is warmed."""
+def running_service(models_dir: Path, workers: int = 1, **settings: str):
+    """`python -m service` on a free port over `models_dir`, DIGITGEN_<KEY> = each setting; yields its URL
+    and process once every worker answers ready."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"DIGITGEN_LOG_LEVEL": "warning"} | {f"DIGITGEN_{k.upper()}": v for k, v in settings.items()}
-    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "1",
+    process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", str(workers),
                                 "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        ready = 0
+        for _ in range(600):  # with several workers: until a run of answers (the kernel spreads connections)
             try:
-                if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200:
-                    break
+                ready = ready + 1 if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200 else 0
             except OSError:
-                time.sleep(0.05)
-        yield url
+                ready = 0
+            if ready >= 4 * workers:
+                break
+            time.sleep(0.05)
+        yield RunningService(url, process)
     finally:
         process.terminate()
         process.wait(30)

@@ -35,8 +35,8 @@ schema.config.phases.coverage.generate_duplicate_query_parameters = True  # mode
 def base_url(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz") / "exported"
     write_models_dir(folder)
-    with running_service(folder, **LIMITS) as url:
-        yield url
+    with running_service(folder, **LIMITS) as service:
+        yield service.url
 
 
 @schema.parametrize()

@@ -484,3 +484,46 @@ def test_validation_errors_keep_fastapis_shape(client):
     detail = client.get("/generate", params={"digit": 12}).json()["detail"]
     assert detail == [{"type": "less_than_equal", "loc": ["query", "digit"],
                        "msg": "Input should be less than or equal to 9", "input": "12", "ctx": {"le": 9}}]
+
+
+# --- caching ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, params", [
+    ("/sample", {"model": "gan", "seed": 5, "n": 4}),
+    ("/generate", {"digit": 3, "seed": 5, "format": "json"}),
+    ("/interpolate", {"model": "cgan", "seed": 5, "digit": 1, "digit_to": 7, "format": "gif"}),
+])
+def test_a_seeded_request_is_cacheable_and_revalidates_to_a_304_without_the_model(client, path, params,
+                                                                                  monkeypatch):
+    first = client.get(path, params=params)
+    tag = first.headers["etag"]
+    assert first.status_code == 200 and tag.startswith('"') and not tag.startswith('W/')
+    assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert client.get(path, params=params).headers["etag"] == tag  # a pure function of the request
+
+    from service.batching import Batcher
+    monkeypatch.setattr(Batcher, "submit", lambda *a, **k: pytest.fail("a 304 must not queue anything"))
+    again = client.get(path, params=params, headers={"If-None-Match": f'"other", {tag}'})
+    assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag
+    assert client.get(path, params=params, headers={"If-None-Match": "*"}).status_code == 304
+
+
+def test_etags_follow_the_normalised_parameters_and_the_model_file(client, models_dir):
+    def tag(**params):
+        return client.get("/sample", params={"seed": 5, **params}).headers["etag"]
+    assert tag() == tag(model="gan") == tag(n=1, scale=1)  # the default model, default values filled in
+    assert len({tag(), tag(n=2), tag(seed=6), tag(truncation=0.5), tag(model="cgan")}) == 5
+    from service import caching
+    other_file = caching.etag("0" * 64, "sample", {"seed": 5})
+    assert other_file != caching.etag("1" * 64, "sample", {"seed": 5})
+
+
+def test_a_request_without_a_seed_is_not_stored(client):
+    response = client.get("/sample", params={"model": "gan"})
+    assert response.headers["cache-control"] == "no-store" and "etag" not in response.headers
+    assert client.get("/sample", params={"model": "gan"}, headers={"If-None-Match": "*"}).status_code == 200
+
+
+def test_cors_exposes_the_etag(client):
+    response = client.get("/sample", params={"seed": 1}, headers={"Origin": "http://frontend.test"})
+    assert "ETag" in response.headers["access-control-expose-headers"]

@@ -92,9 +92,9 @@ def readme_client_program() -> str:
 def test_the_readme_tritonclient_program_runs_against_the_service(models_dir, tmp_path):
     program = tmp_path / "client.py"
     program.write_text(readme_client_program())
-    with running_service(models_dir) as url:
+    with running_service(models_dir) as service:
         done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120,
-                              env=os.environ | {"DIGITGEN_V2_URL": url.removeprefix("http://"),
+                              env=os.environ | {"DIGITGEN_V2_URL": service.url.removeprefix("http://"),
                                                 "DIGITGEN_V2_MODEL": "cgan"})
     assert done.returncode == 0, done.stderr
     assert "cgan: 4 images (4, 1, 28, 28)" in done.stdout

@@ -193,8 +193,8 @@ def test_v2_requests_are_counted_under_their_own_endpoint(client):
 @pytest.fixture(scope="module")
 def server(models_dir):
     """`python -m service` on a free port; batches wait up to 20 ms for company."""
-    with running_service(models_dir, batch_max_wait_ms="20") as url:
-        yield url.removeprefix("http://")
+    with running_service(models_dir, batch_max_wait_ms="20") as service:
+        yield service.url.removeprefix("http://")
 
 
 def test_tritonclient_health_metadata_and_infer_in_both_modes(server, models_dir):

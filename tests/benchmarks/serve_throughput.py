@@ -9,7 +9,9 @@ log) in the same number of worker processes, each with its own listening socket 
   service   python -m service on exported/ (dynamic batching, `make serve`'s defaults)
 Loads: GET /generate?digit=3&n=1 at concurrency 1, 16 and 64, GET /sample?n=64 at concurrency 16, and
 (service only) one image through the Open Inference Protocol, POST /v2/models/cgan/infer with binary
-tensor data in and out, at concurrency 64: the protocol's cost beside /generate's;
+tensor data in and out, at concurrency 64: the protocol's cost beside /generate's; and (service only) a
+seeded /generate revalidated with its ETag (If-None-Match: every answer a 304 without the model) at
+concurrency 64, beside the ceiling;
 the loads are interleaved across the servers (each round runs every server at one load before the
 next load). Then the in-process limit (ONNX Runtime + PNG encoding in a loop, no HTTP) and the
 service's resident memory over a run at concurrency 64.
@@ -43,8 +45,9 @@ SERVERS_DIR = Path(__file__).resolve().parent / "servers"
 GENERATE = "/generate?digit=3&n=1"
 SAMPLE = "/sample?n=64"
 V2_INFER = "/v2/models/cgan/infer"
+REVALIDATE = "/generate?digit=3&n=1&seed=7"  # sent with If-None-Match: its ETag
 LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16),
-         (V2_INFER, 1, 64)]  # path, images, concurrency
+         (V2_INFER, 1, 64), (REVALIDATE, 0, 64)]  # path, images, concurrency
 STATS_LUA = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -254,9 +257,15 @@ def main() -> None:
         script.flush()
         v2_script.write(v2_request_lua() + STATS_LUA)
         v2_script.flush()
+        revalidate_scripts: dict[str, str] = {}
         try:
             for server in servers:
                 start(server)
+                if server.name not in ("baseline", "ceiling"):
+                    tag = urllib.request.urlopen(server.url + REVALIDATE).headers["ETag"]
+                    lua = Path(script.name).with_name(f"revalidate-{server.name}.lua")
+                    lua.write_text(f"wrk.headers['If-None-Match'] = '{tag}'\n" + STATS_LUA)
+                    revalidate_scripts[server.name] = str(lua)
                 wrk(binary, script.name, server.url + GENERATE, 16, args.warmup)
                 if server.name != "ceiling":
                     wrk(binary, script.name, server.url + SAMPLE, 4, 1)
@@ -266,10 +275,11 @@ def main() -> None:
                     for server in servers:
                         if server.name == "ceiling" and path != GENERATE:
                             continue  # the ceiling is the HTTP limit for one small image
-                        if path == V2_INFER and server.name == "baseline":
-                            continue  # it speaks no V2
+                        if path in (V2_INFER, REVALIDATE) and server.name == "baseline":
+                            continue  # it speaks no V2 and sends no ETags
                         key = f"{path} c{concurrency}"
-                        lua = v2_script.name if path == V2_INFER else script.name
+                        lua = v2_script.name if path == V2_INFER else \
+                            revalidate_scripts[server.name] if path == REVALIDATE else script.name
                         run = wrk(binary, lua, server.url + path, concurrency, args.seconds)
                         runs.setdefault((server.name, key), []).append(run)
                         print(f"{server.name:10} {key:28} {run['rps']:8.0f} req/s  p50 {run['p50_ms']:6.2f} ms  "
@@ -291,6 +301,8 @@ def main() -> None:
         finally:
             for server in servers:
                 stop(server)
+            for lua in revalidate_scripts.values():
+                Path(lua).unlink(missing_ok=True)
 
     limits = {n: in_process_limit(n, args.seconds / 2) for n in (1, 64)}
     print()
@@ -307,6 +319,9 @@ def main() -> None:
             lines.append(f"/generate c64: {s[c64]['rps'] / results['ceiling'][c64]['rps']:.0%} of the ceiling "
                          f"(target >= 50%); p99 {s[c64]['p99_ms']:.1f} ms (target <= 50)")
         lines.append(f"/generate c1: p50 {s[f'{GENERATE} c1']['p50_ms']:.2f} ms (target <= 2)")
+        if "ceiling" in results:
+            lines.append(f"304 revalidation c64: {s[f'{REVALIDATE} c64']['rps'] / results['ceiling'][c64]['rps']:.0%} "
+                         f"of the ceiling's req/s; p99 {s[f'{REVALIDATE} c64']['p99_ms']:.1f} ms")
         lines.append(f"V2 infer (binary, one image) c64: {s[f'{V2_INFER} c64']['rps'] / s[c64]['rps']:.2f}x "
                      f"/generate's req/s; p99 {s[f'{V2_INFER} c64']['p99_ms']:.1f} ms")
         lines.append(f"/sample?n=64: {s[f'{SAMPLE} c16']['rps'] * 64 / limits[64]:.0%} of the in-process "

@@ -1,0 +1,111 @@
+"""Optional API keys (DIGITGEN_API_KEYS_FILE): who needs one, the 401, the key file, keygen."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from onnx_fixtures import write_models_dir
+from service.__main__ import main as service_cli
+from service.app import create_app
+from service.auth import KeyFileError, load_keys, new_key
+from service.config import Settings
+
+KEY, LINE = new_key("frontend")
+Z8 = {"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("auth")
+    write_models_dir(folder / "exported")
+    keys = folder / "keys.txt"
+    other_key, other_line = new_key("batch-jobs")
+    keys.write_text(f"# who may call the model endpoints\n{LINE}\n\n{other_line}  # nightly\n")
+    settings = Settings(models_dir=folder / "exported", intra_op_threads=1, api_keys_file=keys,
+                        cors_origins=["http://frontend.test"])
+    with TestClient(create_app(settings)) as client:
+        for _ in range(400):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.01)
+        yield client
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/sample?model=gan", None), ("GET", "/generate?digit=1", None), ("GET", "/interpolate", None),
+    ("GET", "/models", None), ("GET", "/models/gan", None), ("GET", "/v2", None), ("GET", "/v2/models/gan", None),
+    ("POST", "/v2/models/gan/infer", Z8),
+])
+def test_model_endpoints_need_a_key(client, method, path, body):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": KEY + "x"}, {"Authorization": KEY}):
+        refused = client.request(method, path, json=body, headers=headers)
+        assert refused.status_code == 401, (path, headers)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        message = refused.json()["error" if path.startswith("/v2/") else "detail"]
+        assert "API key" in message and KEY not in message
+    for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
+        assert client.request(method, path, json=body, headers=headers).status_code == 200, (path, headers)
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready",
+                                  "/openapi.json"])
+def test_health_metrics_and_the_page_stay_open(client, path):
+    assert client.get(path).status_code == 200
+
+
+def test_a_cors_preflight_passes_without_a_key_and_a_browser_can_read_the_401(client):
+    preflight = client.options("/sample", headers={"Origin": "http://frontend.test",
+                                                   "Access-Control-Request-Method": "GET",
+                                                   "Access-Control-Request-Headers": "authorization"})
+    assert preflight.status_code == 200 and "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    refused = client.get("/sample", headers={"Origin": "http://frontend.test"})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == "http://frontend.test"
+
+
+def test_metrics_count_requests_per_key_name_never_the_key(client, caplog):
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(3):
+            client.get("/sample", params={"model": "gan"}, headers={"X-API-Key": KEY})
+    text = client.get("/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith('digitgen_key_requests_total{key="frontend"}'))
+    assert float(line.split()[-1]) >= 3
+    assert KEY not in text and KEY not in caplog.text
+
+
+def test_the_keys_file_holds_hashes_and_bad_lines_are_named(tmp_path):
+    good = tmp_path / "keys.txt"
+    good.write_text(LINE + "\n")
+    assert load_keys(good) == {LINE.split()[1]: "frontend"}
+    assert KEY not in good.read_text()
+    for text, problem in ((f"frontend {KEY}\n", ":1: expected `NAME SHA256_OF_THE_KEY`"),
+                          ("# nothing\n", "no keys in the file"),
+                          (f"{LINE}\n{LINE.replace('frontend', 'again')}\n", ":2: the key of again is already")):
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(KeyFileError, match=problem):
+            load_keys(bad)
+    with pytest.raises(KeyFileError, match="cannot read"):
+        load_keys(tmp_path / "missing.txt")
+
+
+def test_the_service_refuses_to_start_with_a_bad_keys_file(tmp_path, monkeypatch, capsys):
+    write_models_dir(tmp_path / "exported")
+    (tmp_path / "keys.txt").write_text("just-a-name\n")
+    monkeypatch.setenv("DIGITGEN_API_KEYS_FILE", str(tmp_path / "keys.txt"))
+    assert service_cli(["--models-dir", str(tmp_path / "exported")]) == 2
+    assert "keys.txt:1: expected" in capsys.readouterr().err
+
+
+def test_keygen_prints_a_key_and_the_line_that_admits_it(capsys, tmp_path):
+    assert service_cli(["keygen", "dashboard"]) == 0
+    out = capsys.readouterr().out
+    key = out.split("key:")[1].split()[0]
+    line = out.split("line:")[1].splitlines()[0].strip()
+    (tmp_path / "keys.txt").write_text(line + "\n")
+    from service.auth import key_name
+    assert key_name(key, load_keys(tmp_path / "keys.txt")) == "dashboard" and key not in line
