@@ -49,13 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings.api_keys_file:
             load_keys(settings.api_keys_file)
     except ValidationError as err:
-        for problem in err.errors():
-            name = "DIGITGEN_" + "_".join(str(p) for p in problem["loc"]).upper()
-            print(f"error: {name}={problem.get('input')!r}: {problem['msg']}", file=sys.stderr)
-        return 2
+        return _error("\n".join(f"error: DIGITGEN_{'_'.join(str(p) for p in problem['loc']).upper()}="
+                                f"{problem.get('input')!r}: {problem['msg']}" for problem in err.errors()))
     except (ManifestError, KeyFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["DIGITGEN_WORKERS"] = str(settings.workers)  # the workers share the CPUs out the same way
     config = {"app": "service.app:create_app", "factory": True, "host": args.host, "port": args.port,
@@ -64,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return workers.run(config, settings.workers)
         except OSError as err:
-            print(f"error: --host {args.host} --port {args.port}: {err.strerror or err}", file=sys.stderr)
-            return 2
+            return _error(f"error: --host {args.host} --port {args.port}: {err.strerror or err}")
 
 
 def keygen(argv: list[str]) -> int:
@@ -77,8 +73,7 @@ def keygen(argv: list[str]) -> int:
     try:
         key, line = new_key(args.name)
     except KeyFileError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(f"error: {err}")
     print(f"key:  {key}\nline: {line}\n# give the key to its user; append the line to the keys file, e.g.\n"
           f"#   echo '{line}' >> keys.txt")
     return 0
@@ -100,17 +95,20 @@ def triton_repository(argv: list[str]) -> int:
         settings = Settings(**({"models_dir": args.models_dir} if args.models_dir else {}), providers="cpu")
         names = write_repository(settings.models_dir, args.out, settings.batch_max_size, args.gpu)
     except ValidationError as err:
-        print(f"error: {err.errors()[0]['msg']}", file=sys.stderr)
-        return 2
+        return _error(f"error: {err.errors()[0]['msg']}")
     except (ManifestError, RepositoryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _error(f"error: {err}")
     except OSError as err:
-        print(f"error: {args.out}: {err.strerror or err}", file=sys.stderr)
-        return 2
+        return _error(f"error: {args.out}: {err.strerror or err}")
     print(f"wrote {', '.join(names)} into {args.out} (max_batch_size {settings.batch_max_size}, "
           f"{'KIND_GPU' if args.gpu else 'KIND_CPU'})")
     return 0
+
+
+def _error(message: str) -> int:
+    """A command-line failure: the message names the flag, variable or file; exit status 2."""
+    print(message, file=sys.stderr)
+    return 2
 
 
 @contextmanager
