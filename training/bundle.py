@@ -25,10 +25,11 @@ MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DA
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
-    Recipe("gan", "gan", (*MNIST, "--epochs", "28", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
-    # Still the mnist-5k recipe: 26 epochs of the full set (3,373 generator steps, the most this round's CPU
-    # budget allowed) scored worse than these 500 epochs of mnist-5k (7,000 steps); see exported/README.md.
-    Recipe("wgan", "wgan", ("--epochs", "500")),
+    # The bundled gan was trained as 28 epochs, then resumed to 50 (`--resume --epochs 50`: the learning rate
+    # rose again and decayed over epochs 27-50); this recipe trains the 50 epochs in one schedule.
+    Recipe("gan", "gan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
+    # Trained as 26 epochs, then resumed to 50 like gan; this recipe trains the 50 epochs in one schedule.
+    Recipe("wgan", "wgan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
     Recipe("cgan", "cgan", (*MNIST, "--epochs", "16", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
            default_for=("sample", "generate", "interpolate")),
 ]}
