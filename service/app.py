@@ -107,9 +107,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         if name is None:
             raise HTTPException(503, detail=f"no model loaded that can serve /{endpoint}")
         if name not in reg.models:
-            why = f" (left out at startup: {reg.failures[name]})" if name in reg.failures else ""
-            raise HTTPException(404, detail=f"model: no model named {name!r}{why}; "
-                                            f"available: {', '.join(reg.models) or 'none'}")
+            raise HTTPException(404, detail=f"model: no model named {name!r}{reg.unavailable(name)}")
         return reg.models[name]
 
     def revalidate(request: Request, model: LoadedModel, endpoint: str, q) -> tuple[str | None, Response | None]:

@@ -122,6 +122,11 @@ class Registry:
             raise ReloadError("manifest", "it lists no models")
         return Registry(manifest, models, {})
 
+    def unavailable(self, name: str) -> str:
+        """Why `name` is not served and what is, for every route's 404: " (left out ...); available: ..." """
+        why = f" (left out at startup: {self.failures[name]})" if name in self.failures else ""
+        return f"{why}; available: {', '.join(self.models) or 'none'}"
+
     @property
     def ready(self) -> bool:
         return bool(self.models) and all(m.warmed for m in self.models.values())

@@ -27,7 +27,6 @@ PLATFORM = "onnxruntime_onnx"
 VERSION = "1"  # each model has one version: the file the manifest names
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "image"
-IMAGE_SHAPE = (1, 28, 28)
 ONE_HOT_TOLERANCE = 1e-4  # y rows must sum to 1 within this (float32 blends of one-hots)
 
 
@@ -150,7 +149,7 @@ def model_metadata(entry: ModelEntry) -> dict:
     if entry.conditional:
         inputs.append({"name": "y", "datatype": "FP32", "shape": [-1, entry.num_classes]})
     return {"name": entry.name, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs,
-            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, *IMAGE_SHAPE]}]}
+            "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, *entry.image_shape]}]}
 
 
 def _bad(message: str) -> V2Error:
@@ -312,8 +311,7 @@ def router(title: str, version: str) -> APIRouter:
     def loaded(request: Request, name: str, version: str | None) -> LoadedModel:
         reg: Registry = request.app.state.registry
         if name not in reg.models:
-            why = f" (left out at startup: {reg.failures[name]})" if name in reg.failures else ""
-            raise V2Error(404, f"model {name!r} not found{why}; available: {', '.join(reg.models) or 'none'}")
+            raise V2Error(404, f"model {name!r} not found{reg.unavailable(name)}")
         if version not in (None, VERSION):
             raise V2Error(404, f"model {name!r} has no version {version!r}; its only version is {VERSION}")
         return reg.models[name]
