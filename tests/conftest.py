@@ -149,16 +149,16 @@ def run_dir(tmp_path) -> Path:
 @pytest.fixture(scope="session", autouse=True)
 def digits_judged_on_mnist_5k():
     """The suite's digit evaluator trains on mnist-5k: tests never read or download the full MNIST."""
-    from training import evaluate
+    from training import evaluator
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(evaluate.EVALUATOR_DATASETS, "digits", "mnist-5k")
+        patch.setitem(evaluator.EVALUATOR_DATASETS, "digits", "mnist-5k")
         yield
 
 
 @pytest.fixture(scope="session")
 def quick_evaluator(digits):
     """An evaluator trained briefly on 1,500 digits and calibrated on 500 more: (network, temperature, report)."""
-    from training.evaluate import train_evaluator
+    from training.evaluator import train_evaluator
     some = DigitData(digits.name, Split(digits.train.images[:2000], digits.train.labels[:2000]), digits.val,
                      digits.class_names)
     return train_evaluator(some, epochs=3, holdout=500, log=lambda *_: None)
@@ -167,7 +167,7 @@ def quick_evaluator(digits):
 @pytest.fixture(scope="session")
 def evaluator_dir(tmp_path_factory, quick_evaluator) -> Path:
     """An evaluator cache holding the quick evaluator as the digits' one, so nothing trains the full one."""
-    from training.evaluate import EVALUATOR_VERSION, save_judge
+    from training.evaluator import EVALUATOR_VERSION, save_judge
     folder = tmp_path_factory.mktemp("evaluators")
     save_judge(folder / f"digits-mnist-5k-v{EVALUATOR_VERSION}.pt", *quick_evaluator)
     return folder
@@ -176,5 +176,5 @@ def evaluator_dir(tmp_path_factory, quick_evaluator) -> Path:
 @pytest.fixture(scope="session")
 def judge(evaluator_dir):
     """The quick evaluator as a judge, with mnist-5k's validation digits as the reference."""
-    from training.evaluate import load_judge
+    from training.evaluator import load_judge
     return load_judge("mnist-5k", cache_dir=evaluator_dir, log=lambda *_: None)

@@ -14,15 +14,17 @@ from training.augment import augment, cutout, translate
 from training.bundle import RECIPES, check_recipe
 from training.loop import RunError, train
 from training.models import MODELS, model_config
-from training.settings import parse_train_flags, train_config_from_args
+from training.train_command import parse_train_flags, train_config_from_args
 
 
-def fake_run(path, recipe, **changes):
+def fake_run(path, recipe, model_changes=None, **changes):
+    """A run folder as `recipe` would leave it (a config.json, an empty checkpoint), with `changes`."""
     args = parse_train_flags([recipe.model, *recipe.flags])
     config = dataclasses.replace(train_config_from_args(args), **changes)
     path.mkdir()
     record = {"train": dataclasses.asdict(config),
-              "model_config": dataclasses.asdict(model_config(MODELS[recipe.model], dict(args.set)))}
+              "model_config": dataclasses.asdict(model_config(MODELS[recipe.model],
+                                                              {**dict(args.set), **(model_changes or {})}))}
     (path / "config.json").write_text(json.dumps(record))
     (path / "checkpoint.pt").write_bytes(b"")
 
@@ -32,10 +34,19 @@ def test_a_run_matching_its_recipe_may_resume_even_with_another_epoch_target(tmp
     check_recipe(RECIPES["cvae"], tmp_path / "cvae")
 
 
-def test_a_run_with_other_settings_than_its_recipe_is_refused_by_name(tmp_path):
-    fake_run(tmp_path / "cvae", RECIPES["cvae"], lr_decay_start=1.0)
-    with pytest.raises(RunError, match="lr_decay_start 1.0 .recipe: 0.5."):
+def test_a_run_with_other_settings_than_its_recipe_is_refused_naming_each_flag(tmp_path):
+    fake_run(tmp_path / "cvae", RECIPES["cvae"], {"prior_flow": "4"}, lr_decay_start=1.0)
+    with pytest.raises(RunError, match="recipe cvae") as refused:
         check_recipe(RECIPES["cvae"], tmp_path / "cvae")
+    assert "--lr-decay-start 0.5 (the run: 1.0)" in str(refused.value)
+    assert "--set prior_flow=8 (the run: 4)" in str(refused.value)
+
+
+def test_what_a_recipe_leaves_to_the_defaults_is_part_of_it(tmp_path):
+    """The gan recipe names no --n-critic: a run with 2 critic steps is not what it trains."""
+    fake_run(tmp_path / "gan", RECIPES["gan"], n_critic=2)
+    with pytest.raises(RunError, match=r"--n-critic 1 \(the run: 2\)"):
+        check_recipe(RECIPES["gan"], tmp_path / "gan")
 
 
 def test_a_run_may_resume_from_another_copy_of_the_data(tmp_path):
@@ -55,11 +66,13 @@ def test_each_recipe_is_what_the_bundled_model_was_trained_with():
 
 def test_the_bundle_and_the_command_line_do_not_import_each_other():
     """The CLI imports the bundle (the `bundle` command); the bundle must reach training through
-    training.settings, not through the CLI, not even inside a function."""
+    training.train_command, not through the CLI, not even inside a function, and compare a run's settings
+    by the train command's own rule (it reads no run files itself)."""
     import training.bundle
     imported = imports_of(training.bundle)
     assert "training.__main__" not in imported
-    assert "training.settings" in imported
+    assert "training.train_command" in imported
+    assert not {"json", "training.loop"} & imported
 
 
 def test_every_recipe_parses():

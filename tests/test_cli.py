@@ -45,6 +45,50 @@ def test_train_then_resume_from_the_command_line(capsys, tmp_path):
     assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.fixture(scope="module")
+def one_epoch_cgan(tmp_path_factory):
+    """A tiny cgan run of one epoch, trained from the command line (256 digits, batch 32)."""
+    out = tmp_path_factory.mktemp("runs") / "cgan"
+    assert main(["train", "cgan", "--epochs", "1", "--limit", "256", "--batch-size", "32", "--device", "cpu",
+                 "--out", str(out), "--quiet", *tiny_flags("cgan")]) == 0
+    return out
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["cgan", "--lr", "0.001"], ["--lr 0.001 (the run: 0.0002)"]),
+    (["cgan", "--set", "g_channels=16"], ["--set g_channels=16 (the run: 8)"]),
+    (["cgan", "--latent-dim", "4"], ["--latent-dim 4 (the run: 8)"]),
+    (["cgan", "--seed", "3", "--no-amp"], ["--seed 3 (the run: 0)", "--no-amp True (the run: False)"]),
+    (["gan", "--limit", "256"], ["MODEL gan (the run: cgan)"]),
+])
+def test_a_resume_with_flags_that_differ_from_the_run_is_refused_naming_each(capsys, one_epoch_cgan, flags, named):
+    before = (one_epoch_cgan / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", *flags, "--epochs", "2", "--out", str(one_epoch_cgan), "--quiet",
+                           "--resume", "--device", "cpu")
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err
+    assert all(flag in err for flag in named), err
+    assert (one_epoch_cgan / "metrics.jsonl").read_text() == before  # nothing trained
+
+
+def test_a_resume_repeating_the_runs_own_flags_continues_it(capsys, one_epoch_cgan, tmp_path):
+    """The flags a run started with, or --epochs, --device and --data-dir, may be given again."""
+    code, out, err = run_cli(capsys, "train", "cgan", "--epochs", "2", "--limit", "256", "--batch-size", "32",
+                             "--data-dir", str(tmp_path), "--out", str(one_epoch_cgan), "--quiet", "--resume",
+                             "--device", "cpu", *tiny_flags("cgan"))
+    assert code == 0, err
+    assert "cgan epoch 2/2" in out
+    assert json.loads((one_epoch_cgan / "config.json").read_text())["train"]["data_dir"] == str(tmp_path)
+
+
+def test_a_new_run_takes_every_flag_even_with_resume(capsys, tmp_path):
+    """--resume on a folder with no run yet starts one (as `make train` does) from all the flags."""
+    code, _, err = run_cli(capsys, "train", "gan", "--epochs", "1", "--limit", "64", "--batch-size", "32",
+                           "--device", "cpu", "--out", str(tmp_path / "gan"), "--quiet", "--resume",
+                           "--set", "g_channels=8", "--set", "d_channels=8", "--latent-dim", "5")
+    assert code == 0, err
+    assert json.loads((tmp_path / "gan" / "config.json").read_text())["model_config"]["latent_dim"] == 5
+
+
 @pytest.mark.parametrize("argv, named", [
     (["train", "cgan", "--epochs", "0"], "--epochs"),
     (["train", "cgan", "--lr", "-1"], "--lr"),
@@ -97,7 +141,7 @@ def test_evaluate_refuses_flags_that_do_not_apply_by_name(capsys, tmp_path):
 
 
 def test_the_evaluator_command_describes_the_cached_evaluator(capsys, evaluator_dir, monkeypatch):
-    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
     code, out, err = run_cli(capsys, "evaluator")
     assert code == 0, err
     assert "test_accuracy" in out and "temperature" in out and "test_ece" in out

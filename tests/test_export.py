@@ -104,7 +104,7 @@ def test_cli_evaluates_an_onnx_file(tiny_runs, tmp_path, evaluator_dir, monkeypa
     trainer, _, _ = load_run(tiny_runs["cgan"])
     path = tmp_path / "g.onnx"
     export.export_onnx(trainer.sampler(), trainer.num_classes, path)
-    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
     assert cli(["evaluate", str(path), "--samples", "100"]) == 0
     metrics = json.loads((tmp_path / "g.metrics.json").read_text())
     assert "conditional accuracy" in capsys.readouterr().out and metrics["samples"] == 100
@@ -114,7 +114,7 @@ def test_truncation_command_sweeps_every_model_and_plots(tiny_runs, tmp_path, ev
     out = tmp_path / "exported"
     export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
                       log=lambda *_: None)
-    monkeypatch.setattr("training.evaluate.DEFAULT_CACHE", evaluator_dir)
+    monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
     assert cli(["truncation", "--models-dir", str(out), "--values", "1,0.5", "--samples", "100"]) == 0
     sweeps = json.loads((out / "truncation.json").read_text())
     assert [row["truncation"] for row in sweeps["tiny-cgan"]] == [1.0, 0.5]

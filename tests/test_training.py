@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +8,7 @@ from training.loop import RunError, train
 from training.models import MODELS
 from training.trainers import EMA, AdversarialTrainer, make_trainer
 
-from conftest import assert_alternation_holds, state_equal, tiny_setup
+from conftest import assert_alternation_holds, imports_of, state_equal, tiny_setup
 
 quiet = dict(progress=False, log=lambda *_: None)
 
@@ -210,3 +211,23 @@ def test_the_prior_flow_learns_while_the_vae_trains(few_digits, run_dir):
     history = train(config, mconfig, run_dir, data=few_digits, **quiet).history
     assert all("flow_nll" in row for row in history)
     assert history[-1]["loss"] == pytest.approx(history[-1]["recon"] + history[-1]["kl"], rel=1e-4)
+
+
+def test_a_snapshot_grid_lays_images_out_in_rows_with_black_gaps():
+    from training.pictures import grid_pixels
+    images = np.stack([np.full((1, 2, 2), v, np.float32) for v in (0.2, 0.4, 0.6)])  # three 2x2 images
+    grid = grid_pixels(images, nrow=2, padding=1, scale=2)  # two rows of two 4x4 cells, 1-pixel gaps
+    assert grid.shape == (9, 9) and grid.dtype == np.uint8
+    assert (grid[:4, :4] == 51).all() and (grid[:4, 5:] == 102).all() and (grid[5:, :4] == 153).all()
+    assert (grid[4] == 0).all() and (grid[:, 4] == 0).all() and (grid[5:, 5:] == 0).all()
+
+
+def test_training_imports_nothing_of_the_service_but_its_manifest():
+    """STYLE.md: training may import service.manifest (pure pydantic), no other part of the service."""
+    import importlib
+    import pkgutil
+
+    import training
+    for module in pkgutil.walk_packages(training.__path__, "training."):
+        service = {name for name in imports_of(importlib.import_module(module.name)) if name.split(".")[0] == "service"}
+        assert service <= {"service.manifest"}, (module.name, service)

@@ -11,7 +11,7 @@ from pathlib import Path
 from training.data import DATASETS, DataError
 from training.evaluate import DEFAULT_SAMPLES
 from training.models import MODELS, ConfigError
-from training.settings import add_train_arguments, positive_int, run_train, truncation_value
+from training.train_command import add_train_arguments, positive_int, run_train, truncation_value
 from training.trainers import train_config
 
 
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from training import evaluate
+    from training import evaluate, evaluator
     from training.loop import load_run
 
     target = args.target
@@ -132,7 +132,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             raise ConfigError(f"{'--raw' if args.raw else '--no-prior'}: an .onnx file holds one graph; "
                               f"the flag is for runs")
         source = evaluate.onnx_source(target)
-        judge = evaluate.load_judge(args.dataset or "mnist", args.data_dir)
+        judge = evaluator.load_judge(args.dataset or "mnist", args.data_dir)
         metrics = evaluate.evaluate_source(source, judge, args.samples, args.truncation)
         out = args.out or target.with_name(f"{target.stem}.metrics.json")
     else:
@@ -148,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             net.prior = None
         suffix = "-raw" if args.raw else "-no-prior" if args.no_prior else ""
         source = evaluate.torch_source(target.name, net, trainer.num_classes)
-        judge = evaluate.judge_for_run(trainer.config, args.data_dir)
+        judge = evaluator.judge_for_run(trainer.config, args.data_dir)
         metrics = evaluate.evaluate_run(trainer, source, judge, args.samples, args.truncation)
         out = args.out or target / f"metrics{suffix}.json"
     print(evaluate.format_table(source.name, metrics))
@@ -157,15 +157,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluator(args: argparse.Namespace) -> None:
-    from training import evaluate
+    from training import evaluator
 
-    report = evaluate.load_judge(args.dataset, args.data_dir).report
+    report = evaluator.load_judge(args.dataset, args.data_dir).report
     print("\n".join(f"{key}: {value}" for key, value in report.items()))
 
 
 def cmd_truncation(args: argparse.Namespace) -> None:
     from service.manifest import load_manifest
-    from training import evaluate, pictures
+    from training import evaluate, evaluator, pictures
     from training.atomic import write_text_atomic
 
     models = load_manifest(args.models_dir).models
@@ -180,8 +180,8 @@ def cmd_truncation(args: argparse.Namespace) -> None:
     for entry in models:
         if entry.name not in chosen:
             continue
-        kind = evaluate.evaluator_dataset(entry.dataset)
-        judge = judges[kind] = judges.get(kind) or evaluate.load_judge(entry.dataset, args.data_dir)
+        kind = evaluator.evaluator_dataset(entry.dataset)
+        judge = judges[kind] = judges.get(kind) or evaluator.load_judge(entry.dataset, args.data_dir)
         source = evaluate.onnx_source(args.models_dir / entry.file)
         sweeps[entry.name] = evaluate.truncation_sweep(source, judge, args.values or evaluate.TRUNCATIONS,
                                                        args.samples)
@@ -215,7 +215,7 @@ def cmd_bundle(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from service.manifest import ManifestError
-    from training.evaluate import EvaluationError
+    from training.evaluator import EvaluationError
     from training.export import ExportError
     from training.loop import RunError
 

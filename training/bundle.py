@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.settings import parse_train_flags, run_train, train_config_from_args
+from training.train_command import check_resume, parse_train_flags, run_train
 
 
 @dataclass(frozen=True)
@@ -37,29 +37,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 
 def check_recipe(recipe: Recipe, run: Path) -> None:
-    """Refuse to resume a run whose settings differ from its recipe's: resuming keeps the run's own
-    settings, so a changed recipe would otherwise be ignored without a word."""
-    import dataclasses
-    import json
-
-    from training.loop import RunError, saved_settings
-    from training.models import MODELS, model_config
-
-    record_path = run / "config.json"
-    if not (run / "checkpoint.pt").exists() or not record_path.exists():
-        return
-    args = parse_train_flags([recipe.model, *recipe.flags])
-    wanted = dataclasses.asdict(train_config_from_args(args))
-    wanted_model = dataclasses.asdict(model_config(MODELS[recipe.model], dict(args.set), latent_dim=args.latent_dim))
-    record = json.loads(record_path.read_text())
-    saved = dataclasses.asdict(saved_settings(record)[0])
-    differ = [f"{k} {saved[k]} (recipe: {wanted[k]})" for k in wanted
-              if k not in ("epochs", "device", "data_dir") and saved.get(k) != wanted[k]]
-    differ += [f"{k} {v} (recipe: {wanted_model[k]})" for k, v in record["model_config"].items()
-               if json.loads(json.dumps(wanted_model.get(k))) != v]
-    if differ:
-        raise RunError(f"{run} was trained with other settings than recipe {recipe.name}: {'; '.join(differ)}. "
-                       f"Move {run} away to retrain it")
+    """Refuse to resume a run whose settings differ from its recipe's, the defaults it leaves unsaid
+    included: the rule of `train --resume`, applied to the whole recipe."""
+    check_resume(run, parse_train_flags([recipe.model, *recipe.flags]), every_setting=True,
+                 wanted_by=f"recipe {recipe.name}", remedy=f"move {run} away to retrain it")
 
 
 def build(names: list[str], runs_dir: Path = Path("runs"), out_dir: Path = Path("exported"),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from service.manifest import ENDPOINTS, MANIFEST_NAME, Manifest, ModelEntry, TrainingSummary, load_manifest, sha256_of
-from training import evaluate, pictures
+from training import evaluate, evaluator, pictures
 from training.atomic import atomic_path, write_text_atomic
 from training.loop import SNAPSHOT_ROWS, read_history, fixed_noise, load_run
 
@@ -123,7 +123,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
 
     config = trainer.config
     source = evaluate.onnx_source(onnx_path)
-    judge = evaluate.judge_for_run(config, data_dir, evaluator_dir, log=log)
+    judge = evaluator.judge_for_run(config, data_dir, evaluator_dir, log=log)
     metrics = evaluate.evaluate_run(trainer, source, judge, samples)
     log(evaluate.format_table(name, metrics))
 

@@ -140,6 +140,27 @@ def _format_terms(terms: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.4g}" for k, v in terms.items())
 
 
+@dataclass
+class _RunState:
+    """What one call of `train` carries from epoch to epoch."""
+    out: Path
+    spec: ModelSpec
+    config: TrainConfig
+    trainer: Trainer
+    data: DigitData
+    data_rng: torch.Generator     # the order of each epoch's batches, the same on every rank
+    world: World
+    start_epoch: int              # the last finished epoch: 0, or the checkpoint's when resuming
+    step: int                     # batches trained so far, over every epoch
+    history: list[dict]           # the rows of metrics.jsonl
+    z_fixed: torch.Tensor         # [100, latent_dim]: the snapshot noise
+    y_fixed: torch.Tensor | None  # [100, classes]: the snapshot labels of a conditional model
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+
 def train(config: TrainConfig, model_config, out: Path, resume: bool = False, progress: bool = True,
           data: DigitData | None = None, log=print, world: World | None = None) -> RunResult:
     """Train `config.model` into `out`, continuing from `out/checkpoint.pt` when `resume` is set.
@@ -147,9 +168,28 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
     Under torchrun (`world`: from the environment when not given) every rank runs this with the same
     arguments; rank 0 alone writes `out`, logs and shows progress.
     """
-    spec = MODELS[config.model]
     world = world or distributed.from_environment()
     log = log if world.main else (lambda *_: None)
+    run = _start(config, model_config, out, resume, data, world, log)
+    for epoch in range(run.start_epoch + 1, config.epochs + 1):
+        row = _train_epoch(run, epoch, progress)
+        run.history.append(row)
+        if world.main:
+            _write_epoch_outputs(run, epoch)
+        # Last: it vouches for the files. Every rank takes part: the ranks' one meeting point per epoch.
+        _save_checkpoint(run.checkpoint, run.trainer, epoch, run.step, run.data_rng, world)
+        terms = {k: v for k, v in row.items() if k not in ("epoch", "step", "seconds", "images_per_s")}
+        log(f"{run.spec.name} epoch {epoch}/{config.epochs}  {_format_terms(terms)}  "
+            f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
+    distributed.barrier(world)  # every rank returns once rank 0's last checkpoint is on disk
+    return RunResult(out, run.trainer, run.history)
+
+
+def _start(config: TrainConfig, model_config, out: Path, resume: bool, data: DigitData | None, world: World,
+           log) -> _RunState:
+    """Set up a run: the device, the data on it, the trainer (from the checkpoint when resuming), and
+    config.json; nothing trains yet."""
+    spec = MODELS[config.model]
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not resume:
         raise RunError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -180,59 +220,59 @@ def train(config: TrainConfig, model_config, out: Path, resume: bool = False, pr
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.json", json.dumps(
             _config_record(config, model_config, spec, device, data, world), indent=2))
-    history = read_history(out / "metrics.jsonl", start_epoch)
     z_fixed, y_fixed = fixed_noise(trainer.sampler().latent_dim, trainer.num_classes, config.seed, device)
-    snapshots = out / "snapshots"
+    return _RunState(out, spec, config, trainer, data, data_rng, world, start_epoch, step,
+                     read_history(out / "metrics.jsonl", start_epoch), z_fixed, y_fixed)
 
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        trainer.train()
-        trainer.set_lr_scale(lr_scale(epoch, config.epochs, config.lr_decay_start))
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        batches = shuffled_batches(len(data.train), config.batch_size, data_rng, device, world.rank, world.size)
-        bar = tqdm(batches, desc=f"{spec.name} epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=None if progress and world.main else True, leave=False, dynamic_ncols=True)
-        started = time.perf_counter()
-        for index, batch in enumerate(bar):
-            terms = trainer.step(data.train.images[batch], data.train.labels[batch], index)
-            step += 1
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value
-                counts[key] = counts.get(key, 0) + 1
-            if progress and index % 10 == 0:
-                rate = (index + 1) * config.batch_size * world.size / (time.perf_counter() - started)
-                bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} | {"img/s": f"{rate:.0f}"})
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "step": step}
-        row.update(distributed.mean_over_ranks(world, {key: float(sums[key]) / counts[key] for key in sums}, device))
-        if hasattr(trainer, "validate") and world.main:
-            row.update(trainer.validate(data.val.images, data.val.labels))
-        row.update({"seconds": round(seconds, 3),
-                    "images_per_s": round(len(batches) * config.batch_size * world.size / seconds, 1)})
-        history.append(row)
-        if not world.main:  # the checkpoint's gather is the ranks' one meeting point per epoch
-            _save_checkpoint(checkpoint, trainer, epoch, step, data_rng, world)
-            continue
 
-        sampler = trainer.sampler()
-        was_training = sampler.training
-        sampler.eval()
-        with torch.no_grad():
-            images = sampler.generate(z_fixed, y_fixed).float().cpu().numpy()
-        sampler.train(was_training)
-        pictures.save_grid(images, snapshots / f"epoch_{epoch:04d}.png", nrow=SNAPSHOT_ROWS)
-        frames = sorted(snapshots.glob("epoch_*.png"))
-        pictures.save_progress_gif(frames, out / "progress.gif")
-        pictures.save_loss_curves(history, out / "loss.png", f"{spec.name} on {data.name}")
-        write_text_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        _save_checkpoint(checkpoint, trainer, epoch, step, data_rng, world)  # last: it vouches for the files
-        terms = {k: v for k, v in row.items() if k not in ("epoch", "step", "seconds", "images_per_s")}
-        log(f"{spec.name} epoch {epoch}/{config.epochs}  {_format_terms(terms)}  "
-            f"{seconds:.1f}s  {row['images_per_s']:.0f} img/s")
-    distributed.barrier(world)  # every rank returns once rank 0's last checkpoint is on disk
-    return RunResult(out, trainer, history)
+def _train_epoch(run: _RunState, epoch: int, progress: bool) -> dict:
+    """One pass over this rank's shard of the training digits; the epoch's row of metrics.jsonl
+    (each loss term averaged over the batches and the ranks, validation, seconds, images/s)."""
+    config, trainer, data, world = run.config, run.trainer, run.data, run.world
+    trainer.train()
+    trainer.set_lr_scale(lr_scale(epoch, config.epochs, config.lr_decay_start))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    batches = shuffled_batches(len(data.train), config.batch_size, run.data_rng, trainer.device, world.rank,
+                               world.size)
+    bar = tqdm(batches, desc=f"{run.spec.name} epoch {epoch}/{config.epochs}", unit="batch",
+               disable=None if progress and world.main else True, leave=False, dynamic_ncols=True)
+    started = time.perf_counter()
+    for index, batch in enumerate(bar):
+        terms = trainer.step(data.train.images[batch], data.train.labels[batch], index)
+        run.step += 1
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0) + value
+            counts[key] = counts.get(key, 0) + 1
+        if progress and index % 10 == 0:
+            rate = (index + 1) * config.batch_size * world.size / (time.perf_counter() - started)
+            bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()} | {"img/s": f"{rate:.0f}"})
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    row = {"epoch": epoch, "step": run.step}
+    row.update(distributed.mean_over_ranks(world, {key: float(sums[key]) / counts[key] for key in sums},
+                                           trainer.device))
+    if hasattr(trainer, "validate") and world.main:
+        row.update(trainer.validate(data.val.images, data.val.labels))
+    row.update({"seconds": round(seconds, 3),
+                "images_per_s": round(len(batches) * config.batch_size * world.size / seconds, 1)})
+    return row
+
+
+def _write_epoch_outputs(run: _RunState, epoch: int) -> None:
+    """Rank 0's files of a finished epoch: its snapshot, the progress GIF, the loss curves, metrics.jsonl."""
+    sampler = run.trainer.sampler()
+    was_training = sampler.training
+    sampler.eval()
+    with torch.no_grad():
+        images = sampler.generate(run.z_fixed, run.y_fixed).float().cpu().numpy()
+    sampler.train(was_training)
+    snapshots = run.out / "snapshots"
+    pictures.save_grid(images, snapshots / f"epoch_{epoch:04d}.png", nrow=SNAPSHOT_ROWS)
+    pictures.save_progress_gif(sorted(snapshots.glob("epoch_*.png")), run.out / "progress.gif")
+    pictures.save_loss_curves(run.history, run.out / "loss.png", f"{run.spec.name} on {run.data.name}")
+    write_text_atomic(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.history))
 
 
 def saved_settings(record: dict) -> tuple[TrainConfig, dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Pictures of a run: snapshot grids, the animated progress GIF and the loss curves."""
+"""Pictures of a run: snapshot grids, the animated progress GIF and the loss curves (numpy, Pillow and
+matplotlib; the service draws its own pictures, so training depends on no part of it but the manifest)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,31 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.imaging import tile
 from training.atomic import write_bytes_atomic
 
 GRID_PADDING = 2
 GRID_SCALE = 2
 
 
+def grid_pixels(images: np.ndarray, nrow: int, padding: int = GRID_PADDING, scale: int = GRID_SCALE) -> np.ndarray:
+    """[N, 1, H, W] intensities in [0, 1] -> one [H', W'] uint8 picture: `nrow` images a row (the last row
+    may be short), each upscaled `scale` times (nearest neighbour), `padding` black pixels between them."""
+    pixels = np.clip(np.rint(np.asarray(images, dtype=np.float32)[:, 0] * 255.0), 0, 255).astype(np.uint8)
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)  # [N, H * scale, W * scale]
+    n, h, w = pixels.shape
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    cells = np.zeros((rows * cols, h + padding, w + padding), dtype=np.uint8)  # each image, its gap below and right
+    cells[:n, :h, :w] = pixels
+    grid = cells.reshape(rows, cols, h + padding, w + padding).transpose(0, 2, 1, 3)
+    grid = grid.reshape(rows * (h + padding), cols * (w + padding))
+    return grid[:grid.shape[0] - padding, :grid.shape[1] - padding]  # no gap after the last row and column
+
+
 def save_grid(images: np.ndarray, path: Path, nrow: int = 10) -> None:
     """[N, 1, 28, 28] intensities in [0, 1] -> one PNG grid."""
     buffer = io.BytesIO()
-    Image.fromarray(tile(images, nrow, GRID_PADDING, GRID_SCALE)).save(buffer, format="PNG")
+    Image.fromarray(grid_pixels(images, nrow)).save(buffer, format="PNG")
     write_bytes_atomic(path, buffer.getvalue())
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import losses
+from training import losses, precision
 from training.augment import augment
 from training.models import ModelSpec
 from training.models.vae import reparameterise
@@ -50,14 +50,6 @@ def train_config(model: str, **settings) -> TrainConfig:
     """The model's own training defaults (its registry entry), then `settings` on top."""
     from training.models import MODELS
     return TrainConfig(**{"model": model, **MODELS[model].train_defaults, **settings})
-
-
-def native_bf16(device: torch.device) -> bool:
-    """CUDA, or a CPU whose oneDNN runs bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and slower than float32."""
-    if device.type == "cuda":
-        return True
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -122,8 +114,7 @@ class Trainer:
         # (`distribute`). Saving, sampling and the EMA always use `nets`, so no `module.` prefix leaks.
         self.train_nets: dict[str, nn.Module] = dict(self.nets)
         self.ema: EMA | None = None
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                                       enabled=config.amp and native_bf16(device))
+        self.autocast = precision.autocast(device, config.amp)
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor | None:
         return F.one_hot(labels, self.num_classes).float() if self.num_classes else None
