@@ -13,7 +13,7 @@ DEVICE ?= auto
 # Where MNIST's four IDX files are (or are downloaded to); `make train DATA_DIR=/path/to/mnist` for a local copy.
 DATA_DIR ?=
 
-.PHONY: serve test train bench bench-serve bench-train keygen clean
+.PHONY: serve test image-test train bench bench-serve bench-train keygen clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ serve: $(BASE)
 
 test: $(TRAINED)
 	$(BIN)/python -m pytest
+
+# Build the Dockerfile's images with podman and check the CPU image running (root, podman, debootstrap, the
+# network to Debian and PyPI; `tests/image/image_test.sh --preflight` says what is missing). Minutes, not seconds.
+image-test:
+	tests/image/image_test.sh
 
 # Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)

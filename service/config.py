@@ -11,8 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def available_cpus() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (`docker run --cpus`),
-    which affinity does not show."""
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (`docker run --cpus`, cgroup v2
+    or v1), which affinity does not show."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -21,13 +21,18 @@ def available_cpus() -> int:
     return max(1, min(cpus, quota) if quota else cpus)
 
 
-def _cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
-    """ceil(quota / period) from cgroup v2's cpu.max ("max 100000" when unlimited), or None."""
+def _cgroup_cpu_quota(v2: Path = Path("/sys/fs/cgroup/cpu.max"), v1: Path = Path("/sys/fs/cgroup/cpu")) -> int | None:
+    """ceil(quota / period), or None when unlimited or unreadable: from cgroup v2's cpu.max ("max 100000" when
+    unlimited), else from cgroup v1's cpu.cfs_quota_us (-1 when unlimited) and cpu.cfs_period_us."""
     try:
-        quota, period = path.read_text().split()[:2]
-        return None if quota == "max" else -(-int(quota) // int(period))
-    except (OSError, ValueError):
+        if v2.exists():
+            fields = v2.read_text().split()
+        else:
+            fields = [(v1 / name).read_text() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+        quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
         return None
+    return -(-quota // period) if quota > 0 and period > 0 else None
 
 
 class Settings(BaseSettings):

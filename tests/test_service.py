@@ -471,13 +471,32 @@ def test_png_encoder_round_trips_through_pillow(shape):
     assert np.array_equal(np.asarray(image), pixels)
 
 
+def write_cgroup_v1_quota(folder, quota: str, period: str = "100000"):
+    folder.mkdir(exist_ok=True)
+    (folder / "cpu.cfs_quota_us").write_text(quota + "\n")
+    (folder / "cpu.cfs_period_us").write_text(period + "\n")
+    return folder
+
+
 @pytest.mark.parametrize("text, cpus", [("max 100000", None), ("150000 100000", 2), ("200000 100000", 2),
                                         ("50000 100000", 1), ("garbage", None)])
-def test_a_cgroup_cpu_quota_caps_the_cpus(tmp_path, text, cpus):
+def test_a_cgroup_v2_cpu_quota_caps_the_cpus(tmp_path, text, cpus):
+    """cpu.max decides when it exists, whatever a cgroup v1 folder beside it says."""
     from service.config import _cgroup_cpu_quota
     (tmp_path / "cpu.max").write_text(text + "\n")
-    assert _cgroup_cpu_quota(tmp_path / "cpu.max") == cpus
-    assert _cgroup_cpu_quota(tmp_path / "missing") is None
+    assert _cgroup_cpu_quota(tmp_path / "cpu.max", write_cgroup_v1_quota(tmp_path / "cpu", "300000")) == cpus
+
+
+@pytest.mark.parametrize("quota, cpus", [("-1", None), ("100000", 1), ("150000", 2), ("50000", 1), ("garbage", None)])
+def test_a_cgroup_v1_cpu_quota_caps_the_cpus(tmp_path, quota, cpus):
+    """`--cpus` on a cgroup v1 host: cpu.cfs_quota_us over cpu.cfs_period_us, -1 when unlimited."""
+    from service.config import _cgroup_cpu_quota
+    assert _cgroup_cpu_quota(tmp_path / "cpu.max", write_cgroup_v1_quota(tmp_path / "cpu", quota)) == cpus
+
+
+def test_no_cgroup_cpu_quota_is_none(tmp_path):
+    from service.config import _cgroup_cpu_quota
+    assert _cgroup_cpu_quota(tmp_path / "cpu.max", tmp_path / "cpu") is None
 
 
 def test_validation_errors_keep_fastapis_shape(client):
