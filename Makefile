@@ -13,7 +13,7 @@ DEVICE ?= auto
 # Where MNIST's four IDX files are (or are downloaded to); `make train DATA_DIR=/path/to/mnist` for a local copy.
 DATA_DIR ?=
 
-.PHONY: serve test image-test train bench bench-serve bench-train keygen clean
+.PHONY: serve test image-test fuzz train bench bench-serve bench-train keygen clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(TRAINED)
 # network to Debian and PyPI; `tests/image/image_test.sh --preflight` says what is missing). Minutes, not seconds.
 image-test:
 	tests/image/image_test.sh
+
+# The deeper fuzzing run, outside `make test`: every operation, the bundled models, 400 examples each.
+fuzz: $(TRAINED)
+	DIGITGEN_FUZZ_EXAMPLES=400 DIGITGEN_FUZZ_MODELS_DIR=exported $(BIN)/python -m pytest tests/test_fuzz.py -rA
 
 # Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)

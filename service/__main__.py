@@ -2,7 +2,7 @@
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 
-Flags override DIGITGEN_* environment variables; they are handed to the workers as those variables.
+Flags override DIGITGEN_* environment variables; the settings reach the workers as a value.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from service import workers
+from service.app import create_app
 from service.auth import KeyFileError, load_keys, new_key
 from service.config import Settings
 from service.manifest import ManifestError, load_manifest
+from service.providers import plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,18 +36,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 in a container)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("DIGITGEN_PORT", "8000")))
+    parser.add_argument("--port", type=port_number, default=os.environ.get("DIGITGEN_PORT", "8000"),
+                        help="port to listen on (DIGITGEN_PORT; default 8000)")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes, each with every model "
                                                     "(DIGITGEN_WORKERS; default: 1 on CUDA, else one per CPU)")
     parser.add_argument("--models-dir", help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
     parser.add_argument("--providers", choices=("auto", "cuda", "cpu"), help="DIGITGEN_PROVIDERS (default auto)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
     args = parser.parse_args(argv)
-    for flag in ("models_dir", "providers", "log_level", "workers"):
-        if getattr(args, flag) is not None:
-            os.environ[f"DIGITGEN_{flag.upper()}"] = str(getattr(args, flag))
+    flags = {flag: getattr(args, flag) for flag in ("models_dir", "providers", "log_level", "workers")
+             if getattr(args, flag) is not None}
     try:
-        settings = Settings()
+        settings = plan(Settings(**flags))
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
         if settings.api_keys_file:
             load_keys(settings.api_keys_file)
@@ -54,14 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ["DIGITGEN_WORKERS"] = str(settings.workers)  # the workers share the CPUs out the same way
-    config = {"app": "service.app:create_app", "factory": True, "host": args.host, "port": args.port,
-              "log_level": settings.log_level, "access_log": settings.access_log}
+    options = {"host": args.host, "port": args.port, "log_level": settings.log_level, "access_log": settings.access_log}
     with shared_metrics(settings.workers):
         try:
-            return workers.run(config, settings.workers)
+            return workers.run(partial(create_app, settings), options, settings.workers)
         except OSError as err:
             return _error(f"error: --host {args.host} --port {args.port}: {err.strerror or err}")
+
+
+def port_number(text: str) -> int:
+    """--port or DIGITGEN_PORT: an integer 0-65535 (argparse names the flag in its error)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (DIGITGEN_PORT or --port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is outside 0-65535 (DIGITGEN_PORT or --port)")
+    return port
 
 
 def keygen(argv: list[str]) -> int:
@@ -114,19 +126,22 @@ def _error(message: str) -> int:
 @contextmanager
 def shared_metrics(processes: int):
     """With several workers, each keeps its Prometheus values in files of one folder and /metrics sums
-    them (prometheus_client's multiprocess mode); otherwise a scrape would see one worker's share."""
+    them (prometheus_client's multiprocess mode, which reads PROMETHEUS_MULTIPROC_DIR); otherwise a scrape
+    would see one worker's share. The variable is restored afterwards."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if processes == 1:
         yield
-        return
-    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if folder:  # the operator's folder: stale files from an earlier run would be counted again
+    elif folder:  # the operator's folder: stale files from an earlier run would be counted again
         for stale in Path(folder).glob("*.db"):
             stale.unlink()
         yield
-        return
-    with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as folder:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-        yield
+    else:
+        with tempfile.TemporaryDirectory(prefix="digitgen-metrics-") as temporary:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = temporary
+            try:
+                yield
+            finally:
+                del os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 
 if __name__ == "__main__":

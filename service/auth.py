@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 from pathlib import Path
+
+from service import errors
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
                         "/redoc", "/favicon.ico"})
@@ -98,7 +99,7 @@ class ApiKeys:
         if name is None:
             why = "a valid API key is required" if presented is None else "the API key is not valid"
             message = f"{why}: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-            body = json.dumps({"error": message} if path.startswith("/v2/") else {"detail": message}).encode()
+            body = errors.encoded(path, message)
             await send({"type": "http.response.start", "status": 401, "headers": [
                 (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                 (b"www-authenticate", b'Bearer realm="digit-gen"')]})

@@ -6,7 +6,10 @@ hands each job its own rows. The models are exported in eval mode, so a row depe
 inputs: a request's output is the same whatever it was batched with (tested).
 
 The queue is bounded: a job that finds `max_queued` jobs waiting is refused with `QueueFull` (the app
-answers 503 with Retry-After) rather than piling up latency without limit.
+answers 503 with Retry-After) rather than piling up latency without limit. Every job's future is
+resolved, whatever fails: with its response, with `InferenceFailed` (the model or the encoding raised:
+a 500 with the reason logged), or with `RequestTimeout` once it has waited `timeout_s` (a 504); a job
+whose future is already done (timed out, or its client gone) is dropped before it costs a model run.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ class QueueFull(Exception):
     """The model's queue is at its bound; try again shortly."""
 
 
+class InferenceFailed(Exception):
+    """The model or the response's encoding raised; the message says which and why (already logged)."""
+
+
+class RequestTimeout(Exception):
+    """The job was not answered within its timeout."""
+
+
 Inputs = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
 
 
@@ -47,6 +58,7 @@ class Job:
     future: asyncio.Future
     raw: bool = False  # finish gets the model's own output, [size, 1, 28, 28] float32, not pixels
     enqueued: float = field(default_factory=time.perf_counter)
+    timer: asyncio.TimerHandle | None = None  # expires the future after the timeout
 
 
 class Batcher:
@@ -67,19 +79,23 @@ class Batcher:
         self._thread.start()
 
     def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any],
-               raw: bool = False) -> asyncio.Future:
+               raw: bool = False, timeout_s: float | None = None) -> asyncio.Future:
         """Queue a job from the event loop; await the returned future for `finish(pixels)` (with `raw`:
         `finish(model output)`). The inputs are drawn on the batch thread: numpy calls release the GIL,
         and each release on the event loop lets another thread in ahead of the next request."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job = Job(size, inputs, finish, future, raw=raw)
         with self._wake:
             if self._closed:
                 raise RuntimeError(f"model {self.model.name}: the batcher is closed")
             if len(self._jobs) >= self.max_queued:
                 raise QueueFull(f"model {self.model.name}: {len(self._jobs)} requests queued")
-            self._jobs.append(Job(size, inputs, finish, future, raw=raw))
+            self._jobs.append(job)
             self._queued.inc()
             self._wake.notify()
+        if timeout_s is not None:
+            job.timer = loop.call_later(timeout_s, _expire, future, self.model.name, timeout_s)
         return future
 
     def close(self) -> None:
@@ -113,6 +129,9 @@ class Batcher:
 
     def _serve(self) -> None:
         while (batch := self._take()) is not None:
+            batch = [job for job in batch if not job.future.done()]  # timed out or abandoned while queued
+            if not batch:
+                continue
             started = time.perf_counter()
             for job in batch:
                 self._queue_wait.observe(started - job.enqueued)
@@ -123,39 +142,63 @@ class Batcher:
                 ran = time.perf_counter()
                 output = self.model.run(z, y)
             except Exception as err:  # the model failed: every job of the batch gets the error
-                log.error("model %s: inference failed for a batch of %d: %s", self.model.name,
-                          sum(job.size for job in batch), err)
-                _resolve(batch, [err] * len(batch))
+                _fail(batch, f"model {self.model.name}: inference failed for a batch of "
+                             f"{sum(job.size for job in batch)}: {err}")
                 continue
             self._inference.observe(time.perf_counter() - ran)
             self._batch.observe(len(output))
-            self._finisher.submit(_finish, batch, output)
+            try:
+                self._finisher.submit(_finish, batch, output, self.model.name)
+            except RuntimeError as err:  # the encode threads are shutting down
+                _fail(batch, f"model {self.model.name}: cannot encode the responses: {err}")
 
 
-def _finish(batch: list[Job], output: np.ndarray) -> None:
-    """Split the batch's output back per job, encode each job's response, hand them to the event loop."""
-    pixels = imaging.to_uint8(output) if not all(job.raw for job in batch) else None  # once per batch
-    results, start = [], 0
-    for job in batch:
-        try:
-            rows = output if job.raw else pixels
-            results.append(job.finish(rows[start:start + job.size]))
-        except Exception as err:
-            results.append(err)
-        start += job.size
+def _finish(batch: list[Job], output: np.ndarray, model: str) -> None:
+    """Split the batch's output back per job, encode each job's response, hand them to the event loop.
+    Runs on an encode thread: whatever raises here becomes the jobs' InferenceFailed, never a lost future."""
+    try:
+        pixels = imaging.to_uint8(output) if not all(job.raw for job in batch) else None  # once per batch
+        results, start = [], 0
+        for job in batch:
+            try:
+                rows = output if job.raw else pixels
+                results.append(job.finish(rows[start:start + job.size]))
+            except Exception as err:
+                log.error("model %s: encoding a response failed: %r", model, err)
+                results.append(InferenceFailed(f"model {model}: encoding the response failed: {err}"))
+            start += job.size
+    except Exception as err:
+        _fail(batch, f"model {model}: converting the batch's output failed: {err!r}")
+        return
     _resolve(batch, results)
+
+
+def _fail(batch: list[Job], reason: str) -> None:
+    log.error("%s", reason)
+    _resolve(batch, [InferenceFailed(reason)] * len(batch))
 
 
 def _resolve(batch: list[Job], results: list) -> None:
     """One call into the event loop per batch (not per job) sets every job's future."""
-    batch[0].future.get_loop().call_soon_threadsafe(_set_results, batch, results)
+    try:
+        batch[0].future.get_loop().call_soon_threadsafe(_set_results, batch, results)
+    except RuntimeError:  # the loop is closed: the app is gone, nobody awaits these futures
+        log.warning("%d response(s) finished after the event loop closed", len(batch))
 
 
 def _set_results(batch: list[Job], results: list) -> None:
     for job, result in zip(batch, results):
-        if job.future.done():  # the client went away and the request was cancelled
+        if job.timer is not None:
+            job.timer.cancel()
+        if job.future.done():  # timed out, or the client went away and the request was cancelled
             continue
         if isinstance(result, Exception):
             job.future.set_exception(result)
         else:
             job.future.set_result(result)
+
+
+def _expire(future: asyncio.Future, model: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(RequestTimeout(f"model {model}: no answer within {timeout_s:g} s "
+                                            f"(DIGITGEN_REQUEST_TIMEOUT_S)"))

@@ -1,6 +1,13 @@
 """HTTP caching of seeded responses: a request with a seed is a pure function of the model file and the
-parameters, so it gets a strong ETag and may be cached for a year; a revalidation that matches is a 304
-answered without touching the model. Requests without a seed draw a new one each time: no-store.
+parameters, so it gets a strong ETag; a revalidation that matches is a 304 answered without touching the
+model. Requests without a seed draw a new one each time: no-store.
+
+How long and where a seeded response may be kept (RFC 9111):
+- a request that names its model is immutable for a year; one that omits `model` is answered by the
+  default model, which a reload can change, so it may be reused for a minute and then revalidated (a 304
+  while nothing changed);
+- with API keys on, only the client's own cache may keep it (`private`): a shared cache (a CDN, a
+  corporate proxy) must not hand a keyed image to a client without a key.
 """
 
 from __future__ import annotations
@@ -8,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-SEEDED = "public, max-age=31536000, immutable"
+PINNED = "max-age=31536000, immutable"  # the model is named: the response never changes
+DEFAULT_MODEL = "max-age=60"  # the default model answered: a reload may change which one it is
 UNSEEDED = "no-store"
 # Part of every ETag: a change to how a seed becomes z or how images are encoded must change the tags.
 ENCODING_VERSION = "1"
@@ -30,5 +38,7 @@ def matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
-def headers(tag: str | None) -> dict[str, str]:
-    return {"ETag": tag, "Cache-Control": SEEDED} if tag else {"Cache-Control": UNSEEDED}
+def cache_control(named_model: bool, keyed: bool) -> str:
+    """Cache-Control of a seeded response."""
+    return f"{'private' if keyed else 'public'}, {PINNED if named_model else DEFAULT_MODEL}"
+

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: CUDA or a warned fallback")
     workers: int | None = Field(None, ge=1, description="uvicorn worker processes, each with every model. "
-                                                         "Default: 1 on CUDA, else one per available CPU")
+                                                         "Default: 1 on CUDA, else one per available CPU "
+                                                         "(service/providers.py: plan)")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per inference. Default: "
                                                                  "the available CPUs shared out among the workers")
     encode_threads: int = Field(2, ge=1, description="threads that encode responses (PNG, GIF, JSON) off the event loop")
@@ -56,21 +57,14 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="largest n of /sample and /generate")
     max_steps: int = Field(64, ge=2, description="largest steps of /interpolate")
     max_scale: int = Field(8, ge=1, description="largest upscaling factor")
+    max_body_bytes: int | None = Field(None, ge=1024, description="largest request body; a larger one is a 413 "
+                                                                   "before it is parsed. Default: what max_n images "
+                                                                   "of the widest model's inputs take as JSON")
+    request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its model and "
+                                                             "encoding before a 504")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
     api_keys_file: Path | None = Field(None, description="file of `NAME SHA256_OF_THE_KEY` lines: when set, the "
                                                            "model endpoints need one of those keys")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
-
-    @model_validator(mode="after")
-    def _share_out_cpus(self) -> Settings:
-        """Workers x ONNX Runtime threads = the CPUs: on the CPU, one process per core beats one process
-        with more threads (the event loop, not the model, is what saturates first: make bench). A GPU does
-        the model's work for every worker, so one worker batches best there."""
-        if self.workers is None:
-            from service.providers import cuda_chosen  # imports onnxruntime; not at module import
-            self.workers = 1 if cuda_chosen(self.providers) else available_cpus()
-        if self.intra_op_threads is None:
-            self.intra_op_threads = max(1, available_cpus() // self.workers)
-        return self

@@ -1,7 +1,8 @@
 """Which ONNX Runtime execution providers the models run on: CUDA when it can work here, else the CPU.
 
-Depends on ONNX Runtime only, so both the settings (the default worker count) and the registry (the
-sessions) can ask it, and neither imports the other for it.
+The settings (service/config.py) import nothing of ONNX Runtime; `plan` fills in what depends on the
+device here (worker processes, ONNX Runtime threads) where the workers are planned, and the model set
+asks `choose_providers` for its sessions.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import ctypes
 import logging
 
 import onnxruntime as ort
+
+from service.config import Settings, available_cpus
 
 log = logging.getLogger("digitgen.providers")
 
@@ -43,3 +46,15 @@ def cuda_chosen(setting: str) -> bool:
     """Will the models run on CUDA with this providers setting (given ONNX Runtime and the driver here)?"""
     first = choose_providers(setting, ort.get_available_providers(), nvidia_driver_present(), quiet=True)[0]
     return first != CPU
+
+
+def plan(settings: Settings) -> Settings:
+    """The settings with the worker count and ONNX Runtime threads decided: workers x threads = the CPUs.
+    On the CPU one process per core beats one process with more threads (the event loop, not the model,
+    saturates first: make bench-serve); a GPU does the model's work for every worker, so one worker
+    batches best there."""
+    if settings.workers is not None and settings.intra_op_threads is not None:
+        return settings
+    workers = settings.workers or (1 if cuda_chosen(settings.providers) else available_cpus())
+    threads = settings.intra_op_threads or max(1, available_cpus() // workers)
+    return settings.model_copy(update={"workers": workers, "intra_op_threads": threads})

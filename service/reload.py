@@ -1,12 +1,15 @@
-"""Hot reload without downtime: `kill -HUP <pid of python -m service>` (forwarded to every worker) makes
-each worker re-read the manifest and swap in the new model set.
+"""The one writer of the served model set (`app.state.models`): start-up's warm-up and every reload
+build the next ModelSet off the event loop and swap it in with one assignment, one at a time.
 
-New and changed models are opened beside the old ones, checked (sha256, interface) and warmed off the
-event loop; then the registry and the batchers are swapped in one step of the event loop, so a request
-sees either the old set or the new one, never a mix. Unchanged models keep their sessions and batchers.
-Requests already queued for a replaced or removed model finish on the session they started with (its
-batcher drains, then stops). A manifest or model that fails leaves the old set serving: the reason is
-logged, shown in /readyz under `left_out`, and counted in digitgen_reloads_total{result="failed"}.
+Hot reload without downtime: `kill -HUP <pid of python -m service>` (forwarded to every worker) makes
+each worker re-read the manifest. New and changed models are opened beside the old ones, checked (sha256,
+interface) and warmed; unchanged models keep their sessions and batchers. Requests already queued for a
+replaced or removed model finish on the session they started with (its batcher drains, then stops). A
+manifest or model that fails leaves the old set serving: the reason is logged, shown in /readyz under
+`left_out`, and counted in digitgen_reloads_total{result="failed"}.
+
+SIGHUP stays blocked from a worker's first instruction (service/workers.py) until `listen` installs the
+handler; a reload asked for during start-up is then delivered, and runs once warm-up is done.
 """
 
 from __future__ import annotations
@@ -19,54 +22,79 @@ from typing import Callable
 from service.batching import Batcher
 from service.config import Settings
 from service.metrics import Metrics
-from service.registry import LoadedModel, Registry, ReloadError
+from service.modelset import MakeBatcher, ModelSet, ReloadError, successor, warmed_set
 
 log = logging.getLogger("digitgen.reload")
 
 
 class Reloader:
-    def __init__(self, state, settings: Settings, metrics: Metrics, batcher_for: Callable[[LoadedModel], Batcher]):
-        self.state, self.settings, self.metrics, self.batcher_for = state, settings, metrics, batcher_for
+    def __init__(self, state, settings: Settings, metrics: Metrics, make_batcher: MakeBatcher):
+        self.state, self.settings, self.metrics, self.make_batcher = state, settings, metrics, make_batcher
         self.failure: ReloadError | None = None  # the last reload's, until one succeeds
-        self._lock = asyncio.Lock()
+        self.stopped = False
+        self.sizes = (1, settings.max_n)  # the batch sizes every model is warmed at
+        self._lock = asyncio.Lock()  # one writer at a time: signals arriving meanwhile queue behind it
 
     def listen(self) -> None:
-        """Reload on SIGHUP. Only the main thread's event loop can take signals (not a test client's)."""
+        """Reload on SIGHUP, and let a SIGHUP held back during start-up through. Only the main thread's
+        event loop can take signals (not a test client's)."""
         loop = asyncio.get_running_loop()
         try:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         except (ValueError, RuntimeError, NotImplementedError, AttributeError):
             log.debug("no SIGHUP handler in this thread; reloads only through Reloader.reload()")
+            return
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def left_out(self) -> dict[str, str]:
         return {self.failure.what: f"reload failed, the previous version serves: {self.failure.reason}"} \
             if self.failure else {}
 
+    async def warm_up(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Start-up: warm every model; the set without those that fail replaces the cold one. Then
+        `on_ready` (the worker's supervisor learns it started), when any model is left to serve."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            new, retired = await loop.run_in_executor(None, warmed_set, self.state.models, self.sizes,
+                                                      self.settings)
+            self.state.models = new
+        await self._retire(retired)
+        log.info("ready: %d model(s): %s", len(new.models), ", ".join(new.models) or "none")
+        if on_ready is not None and new.ready:
+            on_ready()
+
+    async def stop(self) -> None:
+        """Shutdown: wait for a reload under way; none starts after this."""
+        async with self._lock:
+            self.stopped = True
+
     async def reload(self) -> bool:
         """Re-read the manifest and swap the new set in; False (old set kept) when it fails."""
-        async with self._lock:  # signals arriving during a reload queue behind it
-            old: Registry = self.state.registry
+        async with self._lock:
+            if self.stopped:
+                return False
+            old: ModelSet = self.state.models
             loop = asyncio.get_running_loop()
             try:
-                new = await loop.run_in_executor(None, old.successor, self.settings, (1, self.settings.max_n))
+                new, retired = await loop.run_in_executor(None, successor, old, self.settings, self.sizes,
+                                                          self.make_batcher)
             except ReloadError as err:
                 self.failure = err
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed, the previous models keep serving: %s", err)
                 return False
-            batchers: dict[str, Batcher] = self.state.batchers
-            retired = [batchers[name] for name, model in old.models.items() if new.models.get(name) is not model]
-            fresh = {name: self.batcher_for(model) for name, model in new.models.items()
-                     if old.models.get(name) is not model}
-            # The swap: no await from here to the end of the block, so no request sees half of it.
-            kept = {name: batchers[name] for name in new.models if name not in fresh}
-            self.state.registry = new
-            batchers.clear()
-            batchers.update(kept | fresh)
+            self.state.models = new
             self.failure = None
             self.metrics.reloads.labels("ok").inc()
-        for batcher in retired:  # their queued requests finish on the sessions they started with
-            await loop.run_in_executor(None, batcher.close)
+        await self._retire(retired)
+        changed = [n for n, m in new.models.items() if old.models.get(n) is not m]
         log.info("reloaded: %d model(s) (%s new or changed, %d retired): %s", len(new.models),
-                 ", ".join(fresh) or "none", len(retired), ", ".join(new.models))
+                 ", ".join(changed) or "none", len(retired), ", ".join(new.models))
         return True
+
+    @staticmethod
+    async def _retire(batchers: list[Batcher]) -> None:
+        """Close batchers no set uses any more: their queued requests finish first."""
+        loop = asyncio.get_running_loop()
+        for batcher in batchers:
+            await loop.run_in_executor(None, batcher.close)

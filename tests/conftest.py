@@ -78,15 +78,15 @@ def running_service(models_dir: Path, workers: int = 1, **settings: str):
                                 "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        ready = 0
-        for _ in range(600):  # with several workers: until a run of answers (the kernel spreads connections)
+        ready, deadline = 0, time.monotonic() + 120
+        while ready < 4 * workers:  # with several workers: a run of answers (the kernel spreads connections)
+            assert process.poll() is None, f"the service exited with status {process.returncode}"
+            assert time.monotonic() < deadline, "the service never became ready"
             try:
                 ready = ready + 1 if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200 else 0
             except OSError:
                 ready = 0
-            if ready >= 4 * workers:
-                break
-            time.sleep(0.05)
+                time.sleep(0.05)
         yield RunningService(url, process)
     finally:
         process.terminate()

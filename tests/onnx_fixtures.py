@@ -17,8 +17,9 @@ from service.manifest import Manifest, ModelEntry, TrainingSummary, sha256_of
 SUMMARY = TrainingSummary(epochs=1, seconds=1.0, device="cpu", images_per_s=1.0, torch="test")
 
 
-def tiny_generator(path: Path, latent_dim: int, num_classes: int = 0, seed: int = 0) -> None:
-    weights = np.random.default_rng(seed).standard_normal((latent_dim + num_classes, 784)).astype(np.float32)
+def tiny_generator(path: Path, latent_dim: int, num_classes: int = 0, seed: int = 0, side: int = 28) -> None:
+    """image [N, 1, side, side] from z [N, latent_dim] (and y [N, num_classes])."""
+    weights = np.random.default_rng(seed).standard_normal((latent_dim + num_classes, side * side)).astype(np.float32)
     inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", latent_dim])]
     nodes = []
     features = "z"
@@ -33,19 +34,19 @@ def tiny_generator(path: Path, latent_dim: int, num_classes: int = 0, seed: int 
     ]
     graph = helper.make_graph(
         nodes, "tiny", inputs,
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 28, 28])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, side, side])],
         initializer=[numpy_helper.from_array(weights, "W"),
-                     numpy_helper.from_array(np.array([-1, 1, 28, 28], np.int64), "shape")])
+                     numpy_helper.from_array(np.array([-1, 1, side, side], np.int64), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
 
 
-def entry_for(path: Path, name: str, latent_dim: int, num_classes: int) -> ModelEntry:
+def entry_for(path: Path, name: str, latent_dim: int, num_classes: int, side: int = 28) -> ModelEntry:
     return ModelEntry(name=name, family="cgan" if num_classes else "gan", conditional=num_classes > 0,
                       latent_dim=latent_dim, num_classes=num_classes, class_names=[str(i) for i in range(10)],
-                      file=path.name, sha256=sha256_of(path), opset=17, dataset="mnist-5k", training=SUMMARY,
-                      metrics={"fid": 1.0})
+                      image_shape=(1, side, side), file=path.name, sha256=sha256_of(path), opset=17,
+                      dataset="mnist-5k", training=SUMMARY, metrics={"fid": 1.0})
 
 
 def write_models_dir(folder: Path) -> Manifest:

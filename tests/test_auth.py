@@ -45,7 +45,7 @@ def test_model_endpoints_need_a_key(client, method, path, body):
         refused = client.request(method, path, json=body, headers=headers)
         assert refused.status_code == 401, (path, headers)
         assert refused.headers["www-authenticate"].startswith("Bearer")
-        message = refused.json()["error" if path.startswith("/v2/") else "detail"]
+        message = refused.json()["error" if path.startswith("/v2") else "detail"]  # the protocol's shape
         assert "API key" in message and KEY not in message
     for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY}):
         assert client.request(method, path, json=body, headers=headers).status_code == 200, (path, headers)
@@ -68,13 +68,28 @@ def test_a_cors_preflight_passes_without_a_key_and_a_browser_can_read_the_401(cl
 
 
 def test_metrics_count_requests_per_key_name_never_the_key(client, caplog):
+    def counted() -> float:
+        text = client.get("/metrics").text
+        assert KEY not in text
+        lines = [line for line in text.splitlines() if line.startswith('digitgen_key_requests_total{key="frontend"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+    before = counted()
     with caplog.at_level(logging.DEBUG):
         for _ in range(3):
-            client.get("/sample", params={"model": "gan"}, headers={"X-API-Key": KEY})
-    text = client.get("/metrics").text
-    line = next(line for line in text.splitlines() if line.startswith('digitgen_key_requests_total{key="frontend"}'))
-    assert float(line.split()[-1]) >= 3
-    assert KEY not in text and KEY not in caplog.text
+            assert client.get("/sample", params={"model": "gan"}, headers={"X-API-Key": KEY}).status_code == 200
+    assert counted() - before == 3
+    assert KEY not in caplog.text
+
+
+@pytest.mark.parametrize("params, cache_control", [
+    ({"model": "gan", "seed": 4}, "private, max-age=31536000, immutable"),
+    ({"seed": 4}, "private, max-age=60"),  # the default model: a reload may change it
+])
+def test_keyed_seeded_responses_are_private_so_no_shared_cache_keeps_them(client, params, cache_control):
+    first = client.get("/sample", params=params, headers={"X-API-Key": KEY})
+    assert first.status_code == 200 and first.headers["cache-control"] == cache_control
+    again = client.get("/sample", params=params, headers={"X-API-Key": KEY, "If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.headers["cache-control"] == cache_control
 
 
 def test_the_keys_file_holds_hashes_and_bad_lines_are_named(tmp_path):

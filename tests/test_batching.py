@@ -15,7 +15,7 @@ import pytest
 
 from onnx_fixtures import write_models_dir
 from service.app import create_app
-from service.batching import Batcher, QueueFull
+from service.batching import Batcher, InferenceFailed, QueueFull, RequestTimeout
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import LoadedModel
@@ -86,8 +86,10 @@ def test_requests_queued_while_the_model_runs_share_the_next_call(executor):
 
 
 def test_max_wait_gathers_requests_that_arrive_soon_after(executor):
+    """A wait far longer than the test's pause (however loaded the machine); the batch goes as soon as it
+    is full (max_batch 3), so the test never waits it out."""
     model = FakeModel()
-    batcher = make_batcher(model, executor, max_wait_s=0.5)
+    batcher = make_batcher(model, executor, max_batch=3, max_wait_s=30)
 
     async def scenario():
         first = batcher.submit(1, job_inputs(0.1), len)
@@ -122,10 +124,57 @@ def test_a_full_queue_refuses_new_jobs(executor):
 def test_a_failed_inference_fails_every_job_of_its_batch_and_the_next_batch_runs(executor):
     model = FakeModel(threading.Event(), fail=True)
     batcher = make_batcher(model, executor)
-    assert all(isinstance(r, RuntimeError) for r in while_busy(batcher, model, [1]))
+    failed = while_busy(batcher, model, [1])
+    assert all(isinstance(r, InferenceFailed) and "model exploded" in str(r) for r in failed), failed
     model.fail = False
     assert while_busy(batcher, model, []) == [1]  # the batcher survived
     batcher.close()
+
+
+def test_an_encoding_failure_fails_its_job_only(executor):
+    model = FakeModel(threading.Event())
+
+    def finish(pixels):
+        if pixels[0, 0, 0] == 51:
+            raise ValueError("encoder exploded")
+        return len(pixels)
+    batcher = make_batcher(model, executor)
+    results = while_busy(batcher, model, [1, 1], finish=finish, values=[0.1, 0.2, 0.3])
+    batcher.close()
+    assert results[0] == 1 and results[2] == 1
+    assert isinstance(results[1], InferenceFailed) and "encoder exploded" in str(results[1])
+
+
+def test_a_batch_whose_output_cannot_be_converted_fails_every_job():
+    class Garbage(FakeModel):
+        def run(self, z, y):
+            return np.array(["not", "pixels"])  # to_uint8 raises on this
+    with ThreadPoolExecutor(1) as executor:
+        batcher = make_batcher(Garbage(), executor)
+
+        async def scenario():
+            return await asyncio.gather(batcher.submit(1, job_inputs(0.1), len),
+                                        batcher.submit(1, job_inputs(0.2), len), return_exceptions=True)
+        results = asyncio.run(asyncio.wait_for(scenario(), 10))  # never hangs
+        batcher.close()
+    assert all(isinstance(r, InferenceFailed) for r in results), results
+
+
+def test_a_job_past_its_timeout_is_answered_and_never_run(executor):
+    model = FakeModel(threading.Event())
+    batcher = make_batcher(model, executor)
+
+    async def scenario():
+        first = batcher.submit(1, job_inputs(0.1), len)
+        await asyncio.to_thread(model.started.wait, 5)  # the model holds the first job
+        late = batcher.submit(1, job_inputs(0.2), len, timeout_s=0.01)
+        with pytest.raises(RequestTimeout, match="no answer within 0.01 s"):
+            await late
+        model.gate.set()
+        return await first
+    assert asyncio.run(scenario()) == 1
+    batcher.close()
+    assert model.calls == [1]  # the expired job was dropped, not run
 
 
 # --- through the HTTP API ------------------------------------------------------------------------
@@ -143,11 +192,12 @@ async def _serve(app, requests: list[tuple[str, dict]], then: str | None = None)
 def test_a_response_does_not_depend_on_what_it_was_batched_with():
     """The bundled cgan (strided transposed convolutions): each request alone, then all of them at once
     with a wait long enough to batch them together; the bytes must be the same."""
-    settings = Settings(models_dir=BUNDLED, workers=1, intra_op_threads=2, batch_max_wait_ms=200)
     requests = [("/generate", {"digit": d, "seed": 100 + d, "n": 1 + d % 3}) for d in range(10)]
     requests += [("/sample", {"seed": 7, "n": 5, "format": "json"}), ("/interpolate", {"seed": 3, "steps": 4})]
+    settings = Settings(models_dir=BUNDLED, workers=1, intra_op_threads=2)
     alone = [asyncio.run(_serve(create_app(settings, warm=False), [r]))[0] for r in requests]
-    app = create_app(settings, warm=False)
+    # one batch: it goes as soon as all 28 images are queued, and may wait a second for them
+    app = create_app(settings.model_copy(update={"batch_max_size": 28, "batch_max_wait_ms": 1000}), warm=False)
     *together, metrics = asyncio.run(_serve(app, requests, then="/metrics"))
     calls = re.search(r'digitgen_inference_batch_size_count\{model="cgan"\} (\S+)', metrics.text).group(1)
     assert float(calls) <= 2, "the requests were not batched together"
@@ -212,7 +262,8 @@ def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, mon
 
 def test_metrics_show_batch_sizes_queue_wait_and_inference_time(tmp_path):
     write_models_dir(tmp_path)
-    app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, batch_max_wait_ms=200), warm=False)
+    app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, batch_max_size=8,
+                              batch_max_wait_ms=1000), warm=False)  # goes once all 8 images are queued
     responses = asyncio.run(_serve(app, [("/sample", {"model": "gan", "n": 2})] * 4, then="/metrics"))
     text = responses[-1].text
     assert 'digitgen_inference_batch_size_sum{model="gan"} 8.0' in text
@@ -221,3 +272,34 @@ def test_metrics_show_batch_sizes_queue_wait_and_inference_time(tmp_path):
     assert 'digitgen_queue_wait_seconds_count{model="gan"} 4.0' in text
     assert re.search(r'digitgen_inference_seconds_count\{model="gan"\} \d', text)
     assert 'digitgen_queued_requests{model="gan"} 0.0' in text
+
+
+def test_a_model_failure_is_a_500_with_the_reason_and_a_stuck_request_a_504(tmp_path, monkeypatch, caplog):
+    write_models_dir(tmp_path)
+    original, gate = LoadedModel.run, threading.Event()
+
+    def run(self, z, y):
+        if self.name == "cgan":
+            raise RuntimeError("CUDA error: an illegal memory access")
+        gate.wait(10)  # gan: held until the test lets it go
+        return original(self, z, y)
+    monkeypatch.setattr(LoadedModel, "run", run)
+    app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, request_timeout_s=0.2), warm=False)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                failed = await client.get("/generate", params={"digit": 1})
+                v2_failed = await client.post("/v2/models/cgan/infer", json={"inputs": [
+                    {"name": "z", "shape": [1, 6], "datatype": "FP32", "data": [0.0] * 6},
+                    {"name": "y", "shape": [1, 10], "datatype": "FP32", "data": [1.0] + [0.0] * 9}]})
+                stuck = await client.get("/sample", params={"model": "gan"})
+                gate.set()
+                return failed, v2_failed, stuck
+    with caplog.at_level("ERROR"):
+        failed, v2_failed, stuck = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert failed.status_code == 500 and "illegal memory access" in failed.json()["detail"]
+    assert v2_failed.status_code == 500 and "illegal memory access" in v2_failed.json()["error"]
+    assert "illegal memory access" in caplog.text  # logged where it happened
+    assert stuck.status_code == 504 and "DIGITGEN_REQUEST_TIMEOUT_S" in stuck.json()["detail"]

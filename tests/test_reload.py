@@ -56,14 +56,18 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     app, client, folder = app_and_client
     seeded = {"model": "gan", "seed": 3}
     before = client.get("/sample", params=seeded)
-    cgan_batcher, cgan_session = app.state.batchers["cgan"], app.state.registry.models["cgan"].session
+    old = app.state.models
+    cgan_batcher, cgan_session, gan_batcher = old.batchers["cgan"], old.models["cgan"].session, old.batchers["gan"]
     new_version(folder)
     assert reload(app, client)
     after = client.get("/sample", params=seeded)
     assert after.status_code == 200 and after.content != before.content  # the new gan draws
     assert after.headers["etag"] != before.headers["etag"]  # a changed file changes its ETags
     assert {m["name"] for m in client.get("/models").json()["models"]} == {"gan", "cgan", "gan-b"}
-    assert app.state.batchers["cgan"] is cgan_batcher and app.state.registry.models["cgan"].session is cgan_session
+    new = app.state.models
+    assert new is not old and old.models.keys() == {"gan", "cgan"}  # a new set, the old one untouched
+    assert new.batchers["cgan"] is cgan_batcher and new.models["cgan"].session is cgan_session
+    assert new.batchers["gan"] is not gan_batcher and gan_batcher._closed and not gan_batcher._thread.is_alive()
     assert client.get("/readyz").json()["left_out"] == {}
     assert 'digitgen_reloads_total{result="ok"} 1.0' in client.get("/metrics").text
 
@@ -93,7 +97,7 @@ def test_a_model_removed_from_the_manifest_goes_away(app_and_client):
     assert reload(app, client)
     assert client.get("/sample", params={"model": "gan"}).status_code == 404
     assert client.get("/sample").headers["x-model"] == "cgan"
-    assert "gan" not in app.state.batchers
+    assert "gan" not in app.state.models.batchers
 
 
 def test_sighup_under_load_drops_nothing(tmp_path):
@@ -102,7 +106,7 @@ def test_sighup_under_load_drops_nothing(tmp_path):
     on every worker."""
     folder = tmp_path / "exported"
     write_models_dir(folder)
-    failures, served, stop = [], [0], threading.Event()
+    failures, served, stop = [], [0] * 8, threading.Event()
 
     def client(url: str, index: int) -> None:
         paths = [f"/sample?model=gan&seed={index}", "/generate?digit=3", "/v2/models/cgan/ready"]
@@ -111,9 +115,10 @@ def test_sighup_under_load_drops_nothing(tmp_path):
                 try:
                     with urllib.request.urlopen(url + path, timeout=10) as response:
                         response.read()
-                    served[0] += 1
-                except (urllib.error.URLError, OSError) as err:
-                    failures.append(f"{path}: {err}")
+                        assert response.status == 200, f"{path}: {response.status}"
+                    served[index] += 1  # each thread its own counter: no lost updates
+                except Exception as err:  # any failure at all, not only HTTP errors
+                    failures.append(f"{path}: {err!r}")
 
     with running_service(folder, workers=2) as service:
         threads = [threading.Thread(target=client, args=(service.url, i)) for i in range(8)]
@@ -138,5 +143,94 @@ def test_sighup_under_load_drops_nothing(tmp_path):
         metrics = urllib.request.urlopen(service.url + "/metrics").read().decode()
     assert failures == [], failures[:5]
     assert seen_new >= 10, "the new model set never served on every worker"
-    assert served[0] > 50
+    assert sum(served) > 50
     assert 'digitgen_reloads_total{result="ok"} 2.0' in metrics  # once per worker
+
+
+# --- the model set: one immutable value, swapped whole --------------------------------------------------
+
+def test_the_served_set_cannot_be_edited_in_place(app_and_client):
+    app, _, _ = app_and_client
+    models = app.state.models
+    with pytest.raises(TypeError):
+        models.models["intruder"] = models.models["gan"]
+    with pytest.raises(TypeError):
+        del models.batchers["gan"]
+    with pytest.raises(AttributeError):
+        models.warmed = False
+
+
+def test_a_model_that_fails_warm_up_is_left_out_and_its_batcher_closed(tmp_path, monkeypatch):
+    from service.registry import LoadedModel
+    write_models_dir(tmp_path)
+    original = LoadedModel.warm
+
+    def warm(self, sizes):
+        if self.name == "gan":
+            raise RuntimeError("no kernel for this node")
+        return original(self, sizes)
+    monkeypatch.setattr(LoadedModel, "warm", warm)
+    app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1), warm=False)
+    with TestClient(app) as client:
+        cold = app.state.models
+        gan_batcher = cold.batchers["gan"]
+        client.portal.call(app.state.reloader.warm_up)
+        warmed = app.state.models
+        assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.batchers) == ["cgan"]
+        assert gan_batcher._closed and not gan_batcher._thread.is_alive()
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert "warm-up failed: no kernel for this node" in ready.json()["left_out"]["gan"]
+        assert "warm-up failed" in client.get("/sample", params={"model": "gan"}).json()["detail"]
+
+
+def test_a_reload_asked_for_during_warm_up_runs_after_it(tmp_path, monkeypatch):
+    """Warm-up and reload are the one writer's two steps: a reload waits for warm-up, then sees its set."""
+    import asyncio
+    from service.registry import LoadedModel
+    write_models_dir(tmp_path)
+    original, order = LoadedModel.warm, []
+
+    def slow_warm(self, sizes):
+        time.sleep(0.2)
+        order.append(f"warm {self.name}")
+        return original(self, sizes)
+    monkeypatch.setattr(LoadedModel, "warm", slow_warm)
+    app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1), warm=False)
+    with TestClient(app) as client:
+        new_version(tmp_path)
+
+        async def both():
+            warming = asyncio.create_task(app.state.reloader.warm_up())
+            await asyncio.sleep(0)  # warm-up holds the writer's lock first
+            reloaded = await app.state.reloader.reload()
+            await warming
+            return reloaded
+        assert client.portal.call(both)
+        assert order[:2] == ["warm gan", "warm cgan"] and order[2:] == ["warm gan", "warm gan-b"]
+        assert set(app.state.models.models) == {"gan", "cgan", "gan-b"} and app.state.models.ready
+
+
+def test_an_unreadable_model_file_is_left_out_at_start_up_and_named_at_reload(tmp_path, monkeypatch):
+    from service import registry
+    write_models_dir(tmp_path)
+    original = registry.sha256_of
+
+    def unreadable(path):
+        if path.name in ("gan.onnx", "gan-v2.onnx"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path)
+    monkeypatch.setattr(registry, "sha256_of", unreadable)
+    app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1))
+    with TestClient(app) as client:
+        for _ in range(400):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.01)
+        left_out = client.get("/readyz").json()["left_out"]
+        assert "gan.onnx cannot be read: Permission denied" in left_out["gan"]
+        assert client.get("/generate", params={"digit": 2}).status_code == 200  # cgan serves
+        new_version(tmp_path)
+        assert not client.portal.call(app.state.reloader.reload)
+        reason = client.get("/readyz").json()["left_out"]["gan"]
+        assert "gan-v2.onnx cannot be read: Permission denied" in reason and "warm-up" not in reason

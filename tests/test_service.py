@@ -19,7 +19,7 @@ from onnx_fixtures import write_models_dir
 from service.app import create_app
 from service.config import Settings
 from service.providers import CPU, CUDA, choose_providers
-from service.registry import Registry
+from service.modelset import open_set
 
 
 @pytest.fixture
@@ -250,13 +250,14 @@ def test_openapi_describes_every_query_parameter(client):
 
 def test_readyz_is_503_until_the_models_are_warmed(models_dir):
     settings = Settings(models_dir=models_dir, intra_op_threads=1)
-    registry = Registry.load(settings)
-    with TestClient(create_app(settings, registry, warm=False)) as client:
+    app = create_app(settings, warm=False)
+    with TestClient(app) as client:
         assert client.get("/readyz").status_code == 503
+        assert client.get("/v2/health/ready").status_code == 503
         assert client.get("/healthz").status_code == 200
-        for model in registry.models.values():
-            model.warm((1,))
-        assert client.get("/readyz").status_code == 200
+        client.portal.call(app.state.reloader.warm_up)
+        assert client.get("/readyz").json() == {"ready": True, "models": {"cgan": True, "gan": True},
+                                                "left_out": {}}
 
 
 @pytest.mark.parametrize("damage, reason", [
@@ -283,13 +284,12 @@ def test_a_corrupt_file_with_a_matching_checksum_is_left_out(models_dir):
     from service.manifest import sha256_of
     manifest["models"][[m["name"] for m in manifest["models"]].index("gan")]["sha256"] = sha256_of(path)
     (models_dir / "manifest.json").write_text(json.dumps(manifest))
-    registry = Registry.load(Settings(models_dir=models_dir, intra_op_threads=1))
-    assert list(registry.models) == ["cgan"] and "ONNX Runtime" in registry.failures["gan"]
+    models = open_set(Settings(models_dir=models_dir, intra_op_threads=1), lambda model: None)
+    assert list(models.models) == ["cgan"] and "ONNX Runtime" in models.failures["gan"]
 
 
 def test_a_malformed_manifest_stops_startup_naming_the_field(models_dir, capsys, monkeypatch):
     from service.__main__ import main
-    monkeypatch.delenv("DIGITGEN_MODELS_DIR", raising=False)  # main() sets it; restored after the test
     manifest = json.loads((models_dir / "manifest.json").read_text())
     del manifest["models"][0]["latent_dim"]
     (models_dir / "manifest.json").write_text(json.dumps(manifest))
@@ -346,30 +346,74 @@ def test_inference_and_encoding_run_off_the_event_loop(client, monkeypatch):
 def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch, capsys):
     from service.__main__ import main
     monkeypatch.setenv("DIGITGEN_PROVIDERS", "gpu")
-    monkeypatch.delenv("DIGITGEN_MODELS_DIR", raising=False)
     assert main(["--models-dir", str(models_dir)]) == 2
     assert "DIGITGEN_PROVIDERS='gpu'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port, message", [("http", "'http' is not a port number"), ("70000", "outside 0-65535")])
+def test_a_bad_port_is_a_cli_error_naming_it_not_a_traceback(models_dir, monkeypatch, capsys, port, message):
+    from service.__main__ import main
+    monkeypatch.setenv("DIGITGEN_PORT", port)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--models-dir", str(models_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "DIGITGEN_PORT" in err and "Traceback" not in err
+
+
+def test_main_leaves_the_environment_as_it_found_it(models_dir, monkeypatch):
+    """Settings reach the workers as a value: nothing is written into os.environ for them."""
+    import os
+    from service import __main__ as cli
+    seen = {}
+    monkeypatch.setattr(cli.workers, "run", lambda factory, options, count: seen.update(
+        settings=factory.args[0], environ=dict(os.environ)) or 0)
+    before = dict(os.environ)
+    assert cli.main(["--models-dir", str(models_dir), "--workers", "2", "--providers", "cpu"]) == 0
+    assert seen["settings"].workers == 2 and seen["settings"].models_dir == models_dir
+    assert not {k for k in seen["environ"].keys() - before.keys() if k.startswith("DIGITGEN_")}
+    assert dict(os.environ) == before  # PROMETHEUS_MULTIPROC_DIR too is gone after the run
+
+
+def test_json_width_and_height_come_from_the_manifests_image_shape(tmp_path):
+    from onnx_fixtures import entry_for, tiny_generator
+    from service.manifest import Manifest
+    tiny_generator(tmp_path / "small.onnx", 4, side=14)
+    manifest = Manifest(models=[entry_for(tmp_path / "small.onnx", "small", 4, 0, side=14)])
+    (tmp_path / "manifest.json").write_text(manifest.to_json())
+    with TestClient(create_app(Settings(models_dir=tmp_path, intra_op_threads=1))) as client:
+        _wait_ready(client)
+        body = client.get("/sample", params={"n": 2, "scale": 3, "format": "json"}).json()
+        assert (body["width"], body["height"]) == (42, 42)
+        first = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+        assert first.size == (42, 42)
+
+
 # --- workers and settings ------------------------------------------------------------------------------
 
-def test_settings_share_the_cpus_out_among_the_workers(monkeypatch):
+def test_the_plan_shares_the_cpus_out_among_the_workers(monkeypatch):
+    from service import providers
+    from service.providers import plan
+    monkeypatch.setattr(providers, "available_cpus", lambda: 8)
+
+    def planned(**settings):
+        chosen = plan(Settings(**settings))
+        return chosen.workers, chosen.intra_op_threads
+    assert planned(providers="cpu") == (8, 1)
+    assert planned(providers="cpu", workers=2) == (2, 4)
+    assert planned(providers="cpu", workers=16) == (16, 1)
+    assert planned(workers=1, intra_op_threads=3) == (1, 3)
+    assert Settings(providers="cpu").workers is None  # the settings alone decide nothing
+    monkeypatch.setattr(providers, "cuda_chosen", lambda setting: True)
+    assert planned() == (1, 8)  # one worker feeds the GPU
+
+
+def test_the_settings_import_nothing_of_onnx_runtime_or_the_service():
+    """Settings are read first and by everything; what depends on the device is planned in providers."""
+    import subprocess
     from service import config
-    monkeypatch.setattr(config, "available_cpus", lambda: 8)
-    assert (Settings(providers="cpu").workers, Settings(providers="cpu").intra_op_threads) == (8, 1)
-    assert Settings(providers="cpu", workers=2).intra_op_threads == 4
-    assert Settings(providers="cpu", workers=16).intra_op_threads == 1
-    assert Settings(workers=1, intra_op_threads=3).intra_op_threads == 3
-    monkeypatch.setattr("service.providers.cuda_chosen", lambda setting: True)
-    assert Settings().workers == 1 and Settings().intra_op_threads == 8  # one worker feeds the GPU
-
-
-def test_the_settings_do_not_depend_on_the_registry():
-    """The registry reads the settings; the settings ask service.providers, never the registry."""
-    from service import config, providers
-    assert "service.registry" not in imports_of(config)
-    assert "service.providers" in imports_of(config)
-    assert not {"service.registry", "service.config"} & imports_of(providers)
+    assert not {m for m in imports_of(config) if m.startswith("service") or m == "onnxruntime"}
+    code = "import sys, service.config; assert 'onnxruntime' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.fixture
@@ -391,7 +435,9 @@ def two_workers(models_dir, tmp_path):
                                "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):  # until both workers listen (one socket each) and answer
+        deadline = time.monotonic() + 120
+        while True:  # until both workers listen (one socket each) and answer
+            assert server.poll() is None and time.monotonic() < deadline, "the two workers never started"
             try:
                 if listening_sockets(port) == 2 and urllib.request.urlopen(url + "/healthz", timeout=1):
                     break
@@ -517,7 +563,8 @@ def test_a_seeded_request_is_cacheable_and_revalidates_to_a_304_without_the_mode
     first = client.get(path, params=params)
     tag = first.headers["etag"]
     assert first.status_code == 200 and tag.startswith('"') and not tag.startswith('W/')
-    assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+    named = "model" in params  # the default model may change with a reload: revalidated after a minute
+    assert first.headers["cache-control"] == ("public, max-age=31536000, immutable" if named else "public, max-age=60")
     assert client.get(path, params=params).headers["etag"] == tag  # a pure function of the request
 
     from service.batching import Batcher

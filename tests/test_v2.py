@@ -140,7 +140,7 @@ def cgan_body(y_row, z_rows: int = 1) -> dict:
     ("gan", {"inputs": []}, "`inputs` must be a non-empty list"),
     ("gan", {"inputs": [Z8], "outputs": [{"name": "logits"}]}, "output 'logits': the model's only output is 'image'"),
     ("gan", {"inputs": [Z8], "id": 5}, "`id` must be a string"),
-    ("gan", {"inputs": [Z8 | {"data": None}]}, "`data` must hold numbers only"),
+    ("gan", {"inputs": [Z8 | {"data": None}]}, "`data` must be a list"),
     ("gan", {"inputs": [{k: v for k, v in Z8.items() if k != "data"}]}, "no `data` and no binary_data_size"),
     ("gan", [1, 2], "the request must be a JSON object"),
     ("cgan", {"inputs": [{"name": "z", "shape": [1, 6], "datatype": "FP32", "data": [0.1] * 6}]},
@@ -183,17 +183,82 @@ def test_bad_binary_requests_are_400s(client, body, headers, message):
 
 
 def test_v2_requests_are_counted_under_their_own_endpoint(client):
-    client.post("/v2/models/gan/infer", json={"inputs": [Z8]})
-    text = client.get("/metrics").text
-    assert re.search(r'digitgen_requests_total\{endpoint="/v2/models/\{name\}/infer",status="200"\} [1-9]', text)
+    def served() -> float:
+        found = re.search(r'digitgen_requests_total\{endpoint="/v2/models/\{name\}/infer",status="200"\} (\S+)',
+                          client.get("/metrics").text)
+        return float(found.group(1)) if found else 0.0
+    before = served()
+    assert client.post("/v2/models/gan/infer", json={"inputs": [Z8]}).status_code == 200
+    assert client.post("/v2/models/gan/infer", json={"inputs": [Z8]}).status_code == 200
+    assert served() - before == 2
+
+
+# --- hostile bodies: every one a 4xx {"error"}, none parsed beyond what it takes to refuse it ---------------
+
+def nested(depth: int) -> str:
+    return "[" * depth + "0.5" + "]" * depth
+
+
+@pytest.mark.parametrize("depth, message", [(5000, "nests too deeply"),  # deeper than the JSON parser goes
+                                            (900, "nests deeper than its shape's two dimensions"),
+                                            (3, "nests deeper than its shape's two dimensions")])
+def test_deeply_nested_data_is_a_400_not_a_500(client, depth, message):
+    body = '{"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": ' + nested(depth) + "}]}"
+    reply = client.post("/v2/models/gan/infer", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400 and message in reply.json()["error"], reply.text
+
+
+def test_a_batch_over_the_limit_is_refused_by_its_shape_before_its_data_is_read(client, monkeypatch):
+    from service import openinference
+    monkeypatch.setattr(openinference, "_flatten", lambda *a: pytest.fail("the data was converted"))
+    reply = client.post("/v2/models/gan/infer", json={"inputs": [Z8 | {"shape": [10**9, 8], "data": [0.0]}]})
+    assert reply.status_code == 400 and "batch 1000000000 is more than" in reply.json()["error"]
+
+
+def test_the_default_body_limit_fits_max_n_images_of_the_widest_model_as_json(client):
+    limit = client.app.state.models.max_body_bytes  # max_n 16; cgan's z 6 + y 10 is the widest
+    pretty = json.dumps(infer_json(z_of(16, 6), np.eye(10, dtype=np.float32)[[1] * 16]), indent=4)
+    assert len(pretty) < limit < 2 * 1024 * 1024
+    assert client.post("/v2/models/cgan/infer", content=pretty).status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413_by_its_length_before_it_is_read(client):
+    limit = client.app.state.models.max_body_bytes
+    reply = client.post("/v2/models/gan/infer", content=b" " * (limit + 1))
+    assert reply.status_code == 413 and "DIGITGEN_MAX_BODY_BYTES" in reply.json()["error"]
+
+
+def test_a_chunked_body_is_cut_off_once_it_passes_the_limit(client):
+    limit, sent = client.app.state.models.max_body_bytes, [0]
+
+    def chunks():  # no Content-Length: the body arrives chunked
+        while sent[0] < 10 * limit:
+            sent[0] += 65536
+            yield b" " * 65536
+    reply = client.post("/v2/models/gan/infer", content=chunks())
+    assert reply.status_code == 413 and "DIGITGEN_MAX_BODY_BYTES" in reply.json()["error"]
+
+
+def test_the_body_limit_is_a_setting(models_dir):
+    with TestClient(create_app(Settings(models_dir=models_dir, intra_op_threads=1, max_body_bytes=2048),
+                               warm=False)) as small:
+        body = json.dumps({"inputs": [Z8 | {"data": [0.123456789] * 8}], "id": "x" * 2048})
+        assert small.post("/v2/models/gan/infer", content=body).status_code == 413
 
 
 # --- tritonclient against a real server ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def server(models_dir):
-    """`python -m service` on a free port; batches wait up to 20 ms for company."""
-    with running_service(models_dir, batch_max_wait_ms="20") as service:
+    """`python -m service` on a free port, as `make serve` runs it."""
+    with running_service(models_dir) as service:
+        yield service.url.removeprefix("http://")
+
+
+@pytest.fixture(scope="module")
+def batching_server(models_dir):
+    """A server whose batches wait up to a second for company, and go as soon as 32 images are queued."""
+    with running_service(models_dir, batch_max_wait_ms="1000", batch_max_size="32") as service:
         yield service.url.removeprefix("http://")
 
 
@@ -230,7 +295,8 @@ def test_tritonclient_sees_our_400s(server):
     assert err.value.status() == "404"
 
 
-def test_32_concurrent_async_infers_are_batched(server):
+def test_32_concurrent_async_infers_are_batched(batching_server):
+    server = batching_server
     def histogram() -> tuple[float, float]:
         text = urllib.request.urlopen(f"http://{server}/metrics").read().decode()
         calls = re.search(r'digitgen_inference_batch_size_count\{model="gan"\} (\S+)', text)

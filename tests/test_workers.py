@@ -1,4 +1,5 @@
-"""service/workers.py: a worker that dies is replaced, one that fails at startup stops the service."""
+"""service/workers.py: a worker that was ready and dies is replaced at any age; one that fails before it
+is ready stops the service; SIGHUP during start-up kills nobody; a dead worker's live metrics go."""
 
 from __future__ import annotations
 
@@ -9,21 +10,26 @@ import socket
 import threading
 import time
 import urllib.request
+from functools import partial
 
 import pytest
 
 from onnx_fixtures import write_models_dir
 from service import workers
+from service.app import create_app
+from service.config import Settings
 
 pytestmark = pytest.mark.skipif(not workers.supported(), reason="a socket per worker is Linux only")
 
 
 @pytest.fixture
 def restore_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def free_port() -> int:
@@ -32,8 +38,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(port: int, app: str = "service.app:create_app") -> dict:
-    return {"app": app, "factory": True, "host": "127.0.0.1", "port": port, "log_level": "warning"}
+def options(port: int) -> dict:
+    return {"host": "127.0.0.1", "port": port, "log_level": "warning"}
+
+
+def app_factory(models_dir, **settings):
+    return partial(create_app, Settings(models_dir=models_dir, intra_op_threads=1, log_level="warning", **settings))
+
+
+def broken_app(on_ready=None):
+    raise RuntimeError("this app cannot start")
+
+
+def slow_app(models_dir, started_file, on_ready=None):
+    """The app after a pause in which the worker marks that it is starting (SIGHUP arrives then)."""
+    started_file.write_text(str(os.getpid()))
+    time.sleep(1.5)
+    return app_factory(models_dir)(on_ready=on_ready)
 
 
 def wait_for(condition, seconds: float = 60) -> None:
@@ -50,36 +71,51 @@ def answers(port: int) -> bool:
         return False
 
 
-def test_a_worker_that_dies_is_replaced_and_the_service_keeps_answering(tmp_path, monkeypatch, restore_signals):
-    write_models_dir(tmp_path)
-    monkeypatch.setenv("DIGITGEN_MODELS_DIR", str(tmp_path))
-    monkeypatch.setenv("DIGITGEN_WORKERS", "2")
-    monkeypatch.setenv("DIGITGEN_LOG_LEVEL", "warning")
-    port = free_port()
-    seen = {}
+def serve_while(scenario, factory, count: int, port: int) -> int:
+    """A supervisor in this (main) thread while `scenario(supervisor)` runs in another, then SIGTERM; the
+    exit status."""
+    supervisor = workers.Supervisor(factory, options(port))
 
-    def kill_one_then_stop():
+    def run():
         try:
-            wait_for(lambda: len(multiprocessing.active_children()) == 2 and answers(port))
-            victim = multiprocessing.active_children()[0]
-            seen["first"] = {p.pid for p in multiprocessing.active_children()}
-            os.kill(victim.pid, signal.SIGKILL)
-            wait_for(lambda: len({p.pid for p in multiprocessing.active_children()} - seen["first"]) == 1)
-            wait_for(lambda: answers(port))
-            seen["after"] = {p.pid for p in multiprocessing.active_children()}
-            seen["answers"] = all(answers(port) for _ in range(10))
+            scenario(supervisor)
         finally:
-            os.kill(os.getpid(), signal.SIGTERM)  # serve() stops its workers and returns
+            os.kill(os.getpid(), signal.SIGTERM)  # the supervisor stops its workers and returns
+    threading.Thread(target=run, daemon=True).start()
+    return supervisor.run(count)
 
-    threading.Thread(target=kill_one_then_stop, daemon=True).start()
-    assert workers.serve(config(port), 2, startup_grace_s=0) == 0
-    assert len(seen["after"]) == 2 and len(seen["after"] & seen["first"]) == 1 and seen["answers"]
+
+def all_ready(supervisor: workers.Supervisor, count: int) -> bool:
+    """Every worker has reported its models warmed (what the supervisor itself goes by)."""
+    return len(supervisor.workers) == count and all(w.ready.is_set() for w in supervisor.workers)
+
+
+def pids() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_a_worker_that_dies_right_after_it_is_ready_is_replaced(tmp_path, restore_signals):
+    """Killed within seconds of start, once ready: replaced (no start-up grace period), and the service
+    keeps answering (connections the kernel had already queued on the dead worker's socket are lost)."""
+    write_models_dir(tmp_path)
+    port, seen = free_port(), {}
+
+    def kill_one(supervisor):
+        wait_for(lambda: all_ready(supervisor, 2), 60)
+        seen["first"] = pids()
+        os.kill(sorted(seen["first"])[0], signal.SIGKILL)
+        wait_for(lambda: all(answers(port) for _ in range(20)), 30)  # the other worker serves on
+        seen["answered_meanwhile"] = True
+        wait_for(lambda: len(pids() - seen["first"]) == 1 and all_ready(supervisor, 2))
+        seen["after"] = pids()
+    assert serve_while(kill_one, app_factory(tmp_path), 2, port) == 0
+    assert len(seen["after"] & seen["first"]) == 1 and seen["answered_meanwhile"]
     assert multiprocessing.active_children() == []
 
 
-def test_a_worker_that_fails_at_startup_stops_the_service(restore_signals):
+def test_a_worker_that_fails_before_it_is_ready_stops_the_service(restore_signals):
     started = time.monotonic()
-    assert workers.serve(config(free_port(), app="no_such_module:create_app"), 2) == 1
+    assert workers.serve(broken_app, options(free_port()), 2) == 1
     assert time.monotonic() - started < 30
     assert multiprocessing.active_children() == []
 
@@ -89,5 +125,50 @@ def test_a_taken_port_is_refused_before_any_worker_starts(restore_signals):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError):
-            workers.serve(config(taken.getsockname()[1]), 2)
+            workers.serve(broken_app, options(taken.getsockname()[1]), 2)
     assert multiprocessing.active_children() == []
+
+
+def test_sighup_during_start_up_reloads_once_the_worker_is_up(tmp_path, restore_signals):
+    write_models_dir(tmp_path)
+    port, seen, starting = free_port(), {}, tmp_path / "starting"
+
+    def hup_while_starting(supervisor):
+        wait_for(starting.exists, 60)  # the worker is inside its app factory, not yet serving
+        os.kill(os.getpid(), signal.SIGHUP)  # the supervisor forwards it
+        wait_for(lambda: all_ready(supervisor, 1), 60)
+        seen["pid"] = pids()
+        wait_for(lambda: 'digitgen_reloads_total{result="ok"} 1.0' in metrics(port), 30)
+    assert serve_while(hup_while_starting, partial(slow_app, tmp_path, starting), 1, port) == 0
+    assert seen["pid"] == {int(starting.read_text())}  # the worker that got the signal is the one serving
+
+
+def test_a_dead_worker_leaves_no_live_gauges_behind(tmp_path, restore_signals, monkeypatch):
+    write_models_dir(tmp_path)
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    port, seen = free_port(), {}
+
+    def kill_one(supervisor):
+        wait_for(lambda: all_ready(supervisor, 2), 60)
+        wait_for(lambda: len(gauge_files(shared)) == 2, 30)  # each worker's queued-requests gauge
+        victim = sorted(pids())[0]
+        seen["victim_had_file"] = victim in gauge_files(shared)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: victim not in gauge_files(shared), 30)
+        seen["victim"] = victim
+    assert serve_while(kill_one, app_factory(tmp_path, workers=2), 2, port) == 0
+    assert seen["victim_had_file"]
+
+
+def gauge_files(folder) -> set[int]:
+    """Workers with a live-sum gauge file in the shared metrics folder."""
+    return {int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("gauge_livesum_*.db")}
+
+
+def metrics(port: int) -> str:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return ""

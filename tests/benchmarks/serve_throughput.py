@@ -17,9 +17,11 @@ next load). Then the in-process limit (ONNX Runtime + PNG encoding in a loop, no
 service's resident memory over a run at concurrency 64.
 
     python tests/benchmarks/serve_throughput.py [--seconds 10] [--memory-seconds 60] [--rounds 1]
-        [--workers 1] [--variant NAME:DIGITGEN_X=V,...] [--out tests/benchmarks/results]
+        [--workers 1] [--variant NAME:DIGITGEN_X=V,...] [--ref GIT_REF] [--out tests/benchmarks/results]
 
---variant adds a service configuration (its environment) as another server, for before/after checks.
+--variant adds a service configuration (its environment) as another server, for before/after checks;
+--ref adds the service as it was at a commit (a git worktree of it, the same exported/ models) as the
+server `service@REF`, measured in the same rounds: a change's throughput as a ratio against its baseline.
 Writes OUT/serve_throughput.json and OUT/serve_throughput.png (throughput against concurrency).
 """
 
@@ -79,6 +81,7 @@ class Server:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     ready_path: str = GENERATE
+    cwd: Path = ROOT
     port: int = 0
     process: subprocess.Popen | None = None
     log: object = None
@@ -117,7 +120,7 @@ def start(server: Server) -> None:
     command = server.command + ["--port", str(server.port)]
     env = os.environ | server.env
     server.log = tempfile.TemporaryFile()  # a pipe nobody reads could fill up and stall the server
-    server.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=server.log, stderr=subprocess.STDOUT)
+    server.process = subprocess.Popen(command, cwd=server.cwd, env=env, stdout=server.log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -171,8 +174,8 @@ def in_process_limit(n: int, seconds: float) -> float:
     """Images/s of the service's own session settings and PNG encoding in a loop: no HTTP, no batching."""
     from service import imaging, sampling
     from service.config import Settings, available_cpus
-    from service.registry import Registry
-    model = Registry.load(Settings(workers=1, intra_op_threads=available_cpus())).models["cgan"]
+    from service.modelset import open_set
+    model = open_set(Settings(workers=1, intra_op_threads=available_cpus()), lambda model: None).models["cgan"]
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         z = sampling.latents(count, n, model.entry.latent_dim)
@@ -180,6 +183,15 @@ def in_process_limit(n: int, seconds: float) -> float:
         imaging.png_grid(imaging.to_uint8(model.run(z, y)), 8)
         count += 1
     return count * n / (time.perf_counter() - started)
+
+
+def worktree(ref: str) -> Path:
+    """A checkout of `ref` beside this one (tests/benchmarks/results/worktree-REF), made once and reused;
+    `python -m service` started there imports that commit's service."""
+    folder = Path(__file__).resolve().parent / "results" / f"worktree-{ref.replace('/', '_')}"
+    if not folder.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref], check=True)
+    return folder
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -233,6 +245,7 @@ def main() -> None:
                                                     "(default: the service's own default here)")
     parser.add_argument("--servers", default="baseline,ceiling,service")
     parser.add_argument("--variant", action="append", default=[], help="NAME:DIGITGEN_X=V,... another service")
+    parser.add_argument("--ref", help="also serve the service as of this git commit (service@REF)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     binary = ensure_wrk()
@@ -240,14 +253,18 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from service.config import Settings
-    args.workers = args.workers or Settings().workers
-    service_env = {"DIGITGEN_WORKERS": str(args.workers)}
+    from service.providers import plan
+    args.workers = args.workers or plan(Settings()).workers
+    service_env = {"DIGITGEN_WORKERS": str(args.workers), "DIGITGEN_MODELS_DIR": str(ROOT / "exported")}
     service = [sys.executable, "-m", "service"]
     known = {"baseline": Server("baseline", benchmark_app("baseline", args.workers)),
              "ceiling": Server("ceiling", benchmark_app("ceiling", args.workers)),
              "service": Server("service", service, service_env, ready_path="/readyz")}
     servers = [known[name] for name in args.servers.split(",")]
     servers += [Server(name, service, service_env | env, ready_path="/readyz") for name, env in map(parse_variant, args.variant)]
+    if args.ref:
+        servers.append(Server(f"service@{args.ref}", service, service_env, ready_path="/readyz",
+                              cwd=worktree(args.ref)))
     names = [s.name for s in servers]
 
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
@@ -326,6 +343,11 @@ def main() -> None:
                      f"/generate's req/s; p99 {s[f'{V2_INFER} c64']['p99_ms']:.1f} ms")
         lines.append(f"/sample?n=64: {s[f'{SAMPLE} c16']['rps'] * 64 / limits[64]:.0%} of the in-process "
                      f"images/s (target >= 80%)")
+        for name in names:
+            if name.startswith("service@"):
+                ratios = ", ".join(f"{path} c{c} {s[f'{path} c{c}']['rps'] / results[name][f'{path} c{c}']['rps']:.2f}x"
+                                   for path, _, c in LOADS if f"{path} c{c}" in results[name])
+                lines.append(f"against {name} (req/s, this tree / that commit): {ratios}")
         if memory:
             lines.append(f"memory: RSS {memory['rss_before_mib']:.0f} -> {memory['rss_after_mib']:.0f} MiB "
                          f"({memory['growth']:+.1%}) over {memory['seconds']:.0f} s at c64, "

@@ -1,11 +1,10 @@
-"""The Open Inference Protocol (KServe V2) over the same models: what Triton, KServe, MLServer and Seldon
-speak, so a client written for them (tritonclient, in JSON or binary mode) works against this service.
+"""The Open Inference Protocol's (KServe V2) wire format: the documented bodies, parsing an infer request
+into z and y, and encoding the response. The routes are in service/routes/v2.py.
 
-Infer requests share each model's batcher with the image endpoints: one ONNX Runtime call serves both,
-under the same queue bound. The output is the model's own (float32 intensities in [0, 1], [N, 1, 28, 28]),
-exactly what ONNX Runtime returns on the exported file. Errors use the protocol's shape, {"error": "..."}.
-Tensor data arrives as JSON (`data`, row-major, flat or nested) or, with Triton's binary tensor data
-extension, as raw little-endian bytes after a JSON header of `Inference-Header-Content-Length` bytes.
+Tensor data arrives as JSON (`data`, row-major, flat or nested as [batch][width]) or, with Triton's binary
+tensor data extension, as raw little-endian bytes after a JSON header of `Inference-Header-Content-Length`
+bytes. The output is the model's own (float32 intensities in [0, 1], [N, 1, 28, 28]), exactly what ONNX
+Runtime returns on the exported file. Every malformed request is an ApiError 400 naming the input.
 """
 
 from __future__ import annotations
@@ -15,31 +14,17 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.batching import RETRY_AFTER_S, QueueFull
+from service.errors import ApiError
 from service.manifest import ModelEntry
-from service.registry import LoadedModel, Registry
 
 PLATFORM = "onnxruntime_onnx"
 VERSION = "1"  # each model has one version: the file the manifest names
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "image"
 ONE_HOT_TOLERANCE = 1e-4  # y rows must sum to 1 within this (float32 blends of one-hots)
-
-
-class V2Error(Exception):
-    """A request the protocol answers with {"error": message} and `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-def error_response(request: Request, err: V2Error) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
 
 
 # --- the OpenAPI description of the protocol's bodies (the parsing below is by hand: the binary mode
@@ -125,10 +110,13 @@ class ServerMetadata(BaseModel):
 ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "a malformed request or input: the message names the input and what is wrong"),
     (404, "no such model or version"),
-    (503, "not ready, or the model's queue is full (Retry-After)"))}
+    (413, "the body is larger than DIGITGEN_MAX_BODY_BYTES"),
+    (500, "the model failed on this input (the reason is logged)"),
+    (503, "not ready, or the model's queue is full (Retry-After)"),
+    (504, "no answer within DIGITGEN_REQUEST_TIMEOUT_S"))}
 
 
-def _request_body_doc() -> dict:
+def request_body_doc() -> dict:
     """The infer body's JSON schema, its definitions inlined (the route documents it by hand)."""
     schema = InferRequest.model_json_schema()
     defs = schema.pop("$defs", {})
@@ -152,8 +140,8 @@ def model_metadata(entry: ModelEntry) -> dict:
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, *entry.image_shape]}]}
 
 
-def _bad(message: str) -> V2Error:
-    return V2Error(400, message)
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -171,12 +159,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = json.loads(body[:cut])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _bad(f"the request is not JSON: {err}") from None
+    except RecursionError:  # nesting deeper than the parser takes
+        raise _bad("the request's JSON nests too deeply") from None
     if not isinstance(header, dict):
         raise _bad("the request must be a JSON object with `inputs`")
     return header, body[cut:]
 
 
-def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int]) -> tuple[str, np.ndarray, int]:
+def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int], max_n: int
+            ) -> tuple[str, np.ndarray, int]:
     """One input tensor as float32 [batch, width], and the binary offset after it."""
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
         raise _bad("each input needs a `name`")
@@ -191,6 +182,8 @@ def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int]) -> tu
         raise _bad(f"input {name!r}: shape {shape!r}; expected [batch, {widths[name]}]")
     if shape[1] != widths[name] or shape[0] < 1:
         raise _bad(f"input {name!r}: shape {shape}; expected [batch >= 1, {widths[name]}]")
+    if shape[0] > max_n:  # before any data is converted
+        raise _bad(f"input {name!r}: batch {shape[0]} is more than this service's largest, {max_n} (DIGITGEN_MAX_N)")
     count = shape[0] * shape[1]
     parameters = spec.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -206,7 +199,7 @@ def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int]) -> tu
     else:
         if "data" not in spec:
             raise _bad(f"input {name!r}: no `data` and no binary_data_size")
-        flat = list(_flatten(spec["data"]))
+        flat = _flatten(spec["data"], name)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
             raise _bad(f"input {name!r}: `data` must hold numbers only")
         if len(flat) != count:
@@ -218,13 +211,18 @@ def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int]) -> tu
     return name, values.reshape(shape), offset
 
 
-def _flatten(data: Any):
-    """The values of a flat or nested list, row-major."""
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(data: Any, name: str) -> list:
+    """The values of a flat list or of a list of rows ([batch][width]), row-major."""
+    if not isinstance(data, list):
+        raise _bad(f"input {name!r}: `data` must be a list")
+    if not any(isinstance(row, list) for row in data):
+        return data
+    if not all(isinstance(row, list) for row in data):
+        raise _bad(f"input {name!r}: `data` mixes rows and values")
+    flat = [value for row in data for value in row]
+    if any(isinstance(value, list) for value in flat):
+        raise _bad(f"input {name!r}: `data` nests deeper than its shape's two dimensions")
+    return flat
 
 
 def parse_infer(header: dict, binary: bytes, entry: ModelEntry, max_n: int
@@ -240,7 +238,7 @@ def parse_infer(header: dict, binary: bytes, entry: ModelEntry, max_n: int
     tensors: dict[str, np.ndarray] = {}
     offset = 0
     for spec in inputs:
-        name, values, offset = _tensor(spec, binary, offset, widths)
+        name, values, offset = _tensor(spec, binary, offset, widths, max_n)
         if name in tensors:
             raise _bad(f"input {name!r} is given twice")
         tensors[name] = values
@@ -250,8 +248,6 @@ def parse_infer(header: dict, binary: bytes, entry: ModelEntry, max_n: int
     if missing:
         raise _bad(f"input {missing[0]!r} is missing: model {entry.name!r} takes {' and '.join(widths)}")
     z, y = tensors["z"], tensors.get("y")
-    if len(z) > max_n:
-        raise _bad(f"input 'z': batch {len(z)} is more than this service's largest, {max_n} (DIGITGEN_MAX_N)")
     if y is not None:
         if len(y) != len(z):
             raise _bad(f"input 'y': batch {len(y)} differs from z's {len(z)}")
@@ -301,71 +297,3 @@ def infer_response(output: np.ndarray, model: str, request_id: str | None, binar
     header = json.dumps(body | {"outputs": [tensor]}, separators=(",", ":")).encode()
     return Response(header + output.tobytes(), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
-
-
-# --- routes -------------------------------------------------------------------------------------------
-
-def router(title: str, version: str) -> APIRouter:
-    routes = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe V2)"])
-
-    def loaded(request: Request, name: str, version: str | None) -> LoadedModel:
-        reg: Registry = request.app.state.registry
-        if name not in reg.models:
-            raise V2Error(404, f"model {name!r} not found{reg.unavailable(name)}")
-        if version not in (None, VERSION):
-            raise V2Error(404, f"model {name!r} has no version {version!r}; its only version is {VERSION}")
-        return reg.models[name]
-
-    @routes.get("", summary="Server metadata", response_model=ServerMetadata)
-    async def server_metadata():
-        return {"name": title, "version": version, "extensions": ["binary_tensor_data"]}
-
-    @routes.get("/health/live", summary="Server liveness", response_class=Response,
-                responses={200: {"description": "live (empty body)"}})
-    async def live():
-        return Response(status_code=200)
-
-    @routes.get("/health/ready", summary="Server readiness: every loaded model warmed", response_class=Response,
-                responses={200: {"description": "ready (empty body)"}, 503: ERRORS[503]})
-    async def ready(request: Request):
-        if not request.app.state.registry.ready:
-            raise V2Error(503, "warming up")
-        return Response(status_code=200)
-
-    async def metadata(request: Request, name: str, version: str | None = None):
-        return model_metadata(loaded(request, name, version).entry)
-
-    async def model_ready(request: Request, name: str, version: str | None = None):
-        if not loaded(request, name, version).warmed:
-            raise V2Error(503, f"model {name!r} is warming up")
-        return Response(status_code=200)
-
-    async def infer(request: Request, name: str, version: str | None = None):
-        body = await request.body()  # first: from here to the batcher's submit nothing awaits, so a model
-        model = loaded(request, name, version)  # set swapped by a reload cannot change under the request
-        settings = request.app.state.settings
-        header, binary = split_body(body, request.headers.get(HEADER_LENGTH))
-        z, y, binary_out, request_id = parse_infer(header, binary, model.entry, settings.max_n)
-        batcher = request.app.state.batchers[model.name]
-        try:
-            future = batcher.submit(len(z), lambda: (z, y), partial(infer_response, model=model.name,
-                                                                    request_id=request_id, binary=binary_out),
-                                    raw=True)
-        except QueueFull as full:
-            raise V2Error(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
-        return await future
-
-    infer_doc = _request_body_doc()
-    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
-        routes.add_api_route(prefix, metadata, methods=["GET"], summary="Model metadata",
-                             response_model=ModelMetadata, responses={404: ERRORS[404]})
-        routes.add_api_route(f"{prefix}/ready", model_ready, methods=["GET"], summary="Model readiness",
-                             response_class=Response, responses={200: {"description": "ready (empty body)"},
-                                                                 404: ERRORS[404], 503: ERRORS[503]})
-        routes.add_api_route(f"{prefix}/infer", infer, methods=["POST"], summary="Inference",
-                             openapi_extra=infer_doc, responses={
-                                 200: {"model": InferResponse, "description": "the output as JSON, or (binary "
-                                       "data) a JSON header of Inference-Header-Content-Length bytes then the "
-                                       "raw float32 tensor", "content": {"application/octet-stream": {}}},
-                                 **ERRORS})
-    return routes

@@ -1,0 +1,32 @@
+"""Errors the API answers on purpose, in the shape each protocol's clients parse: `{"error": message}`
+under /v2 (the Open Inference Protocol) and `{"detail": message}` elsewhere (FastAPI's own shape)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+V2_PREFIX = "/v2"
+
+
+class ApiError(Exception):
+    """A request answered with `status` and `message` (the message names the parameter or input at fault)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def body(path: str, message: str) -> dict:
+    return {"error": message} if path == V2_PREFIX or path.startswith(V2_PREFIX + "/") else {"detail": message}
+
+
+def encoded(path: str, message: str) -> bytes:
+    """The error body as bytes, for plain ASGI middleware that answers before the app runs."""
+    return json.dumps(body(path, message)).encode()
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(body(request.url.path, err.message), status_code=err.status, headers=err.headers)

@@ -1,0 +1,78 @@
+"""Plain ASGI middleware (BaseHTTPMiddleware costs a task and a stream per request): request metrics, and
+the body limit that refuses an oversized request before anything reads it."""
+
+from __future__ import annotations
+
+import time
+
+from service import errors
+from service.metrics import Metrics
+
+
+class RequestMetrics:
+    """Counts requests and their latency by route and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+class BodyTooLarge(errors.ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this service's limit, {limit} bytes "
+                              f"(DIGITGEN_MAX_BODY_BYTES)")
+
+
+class BodyLimit:
+    """A body over the served model set's `max_body_bytes` is a 413: at once by its Content-Length, else
+    (chunked) as soon as the bytes read pass the limit, before the route parses any of it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):  # routes that never read a body
+            return await self.app(scope, receive, send)
+        limit = scope["app"].state.models.max_body_bytes
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            err = BodyTooLarge(limit) if length.isdigit() else errors.ApiError(400, "Content-Length is not a number")
+            return await _answer(scope, send, err)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)  # the route's read fails; the app's handler answers 413
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def _answer(scope, send, err: errors.ApiError) -> None:
+    body = errors.encoded(scope.get("path", ""), err.message)
+    await send({"type": "http.response.start", "status": err.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,169 @@
+"""The models being served, as one immutable value swapped whole.
+
+A ModelSet holds the manifest, the models that loaded, their batchers, the defaults and why any model
+was left out. Nothing edits a set: start-up opens one, warm-up and every reload build the next one and
+the app swaps it in with one assignment (service/reload.py, the only writer). A request reads the set
+once and takes its model and batcher from that same set, so it never sees half of a swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import onnxruntime as ort
+
+from service.batching import Batcher
+from service.config import Settings
+from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest
+from service.providers import choose_providers, nvidia_driver_present
+from service.registry import LoadedModel, ModelFileError, open_model
+
+log = logging.getLogger("digitgen.models")
+
+# A body may hold DIGITGEN_MAX_N rows of the widest model's inputs as JSON: a float32 written by JSON takes
+# at most 16 characters ("-0.123456789e-05"), its separator and indentation a few more; 48 per value leaves
+# room for pretty-printed nesting, and the headroom for the rest of the request.
+JSON_BYTES_PER_VALUE = 48
+BODY_HEADROOM_BYTES = 64 * 1024
+
+MakeBatcher = Callable[[LoadedModel], Batcher]
+
+
+class ReloadError(Exception):
+    """A reload that cannot complete: `what` is the model (or "manifest") that failed, `reason` why."""
+
+    def __init__(self, what: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.what, self.reason = what, reason
+
+
+def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
+    """Largest request body accepted: DIGITGEN_MAX_BODY_BYTES, else what max_n images of the widest
+    model's inputs take as JSON."""
+    if settings.max_body_bytes is not None:
+        return settings.max_body_bytes
+    widest = max((e.latent_dim + e.num_classes for e in entries), default=0)
+    return settings.max_n * widest * JSON_BYTES_PER_VALUE + BODY_HEADROOM_BYTES
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    manifest: Manifest
+    models: Mapping[str, LoadedModel]
+    batchers: Mapping[str, Batcher]
+    failures: Mapping[str, str] = field(default_factory=dict)  # model name -> why it is not in this set
+    warmed: bool = False
+    max_body_bytes: int = BODY_HEADROOM_BYTES
+
+    @property
+    def ready(self) -> bool:
+        return self.warmed and bool(self.models)
+
+    def default(self, endpoint: str) -> str | None:
+        """The manifest's default for an endpoint when it loaded, else the first loaded model that fits."""
+        name = getattr(self.manifest.defaults, endpoint)
+        if name in self.models:
+            return name
+        fits = [n for n, m in self.models.items() if endpoint != "generate" or m.entry.conditional]
+        return fits[0] if fits else None
+
+    def defaults_of(self, name: str) -> list[str]:
+        return [e for e in ENDPOINTS if self.default(e) == name]
+
+    def conditional(self) -> list[str]:
+        return [n for n, m in self.models.items() if m.entry.conditional]
+
+    def unavailable(self, name: str) -> str:
+        """Why `name` is not served and what is, for every route's 404: " (left out: ...); available: ..." """
+        why = f" (left out: {self.failures[name]})" if name in self.failures else ""
+        return f"{why}; available: {', '.join(self.models) or 'none'}"
+
+
+def _make(manifest: Manifest, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
+          failures: dict[str, str], warmed: bool, settings: Settings) -> ModelSet:
+    return ModelSet(manifest, MappingProxyType(models), MappingProxyType(batchers), MappingProxyType(failures),
+                    warmed, body_limit([m.entry for m in models.values()], settings))
+
+
+def _providers(settings: Settings, quiet: bool = False) -> list:
+    return choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(), quiet)
+
+
+def open_set(settings: Settings, make_batcher: MakeBatcher) -> ModelSet:
+    """Start-up's set: every model of the manifest that opens and passes its checks, not yet warmed. A
+    manifest that cannot be read raises ManifestError (nothing to serve: start-up stops)."""
+    manifest = load_manifest(settings.models_dir)
+    providers = _providers(settings)
+    models, failures = {}, {}
+    for entry in manifest.models:
+        try:
+            models[entry.name] = open_model(entry, Path(settings.models_dir), providers, settings)
+        except ModelFileError as err:
+            failures[entry.name] = str(err)
+            log.error("model %s left out: %s", entry.name, err)
+    return _make(manifest, models, {n: make_batcher(m) for n, m in models.items()}, failures, False, settings)
+
+
+def warm(model: LoadedModel, sizes: tuple[int, ...]) -> str | None:
+    """Warm one model; the reason it failed, or None."""
+    started = time.perf_counter()
+    try:
+        model.warm(sizes)
+    except Exception as err:  # a file that loads but cannot run must not take the others down
+        return f"warm-up failed: {err}"
+    log.info("model %s warmed in %.0f ms", model.name, 1000 * (time.perf_counter() - started))
+    return None
+
+
+def warmed_set(current: ModelSet, sizes: tuple[int, ...], settings: Settings) -> tuple[ModelSet, list[Batcher]]:
+    """The set with every model warmed and those that failed left out; and the batchers of those left out,
+    for the caller to close. Blocking: call it off the event loop."""
+    models, batchers, failures = dict(current.models), dict(current.batchers), dict(current.failures)
+    retired = []
+    for name, model in current.models.items():
+        reason = warm(model, sizes)
+        if reason:
+            log.error("model %s left out: %s", name, reason)
+            failures[name] = reason
+            del models[name]
+            retired.append(batchers.pop(name))
+    return _make(current.manifest, models, batchers, failures, True, settings), retired
+
+
+def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], make_batcher: MakeBatcher
+              ) -> tuple[ModelSet, list[Batcher]]:
+    """The set the manifest describes now, for a reload, and the current batchers it no longer uses (the
+    caller closes them once swapped). Models whose entry is unchanged carry on with their sessions and
+    batchers; new or changed ones are opened, checked and warmed here. A manifest, or any model of it,
+    that fails raises ReloadError and nothing changes. Blocking: call it off the event loop."""
+    try:
+        manifest = load_manifest(settings.models_dir)
+    except ManifestError as err:
+        raise ReloadError("manifest", str(err)) from None
+    if not manifest.models:
+        raise ReloadError("manifest", "it lists no models")
+    providers = _providers(settings, quiet=True)
+    models, fresh = {}, {}
+    for entry in manifest.models:
+        kept = current.models.get(entry.name)
+        if kept is not None and kept.entry == entry:
+            models[entry.name] = kept
+            continue
+        try:
+            model = open_model(entry, Path(settings.models_dir), providers, settings)
+        except ModelFileError as err:
+            raise ReloadError(entry.name, str(err)) from None
+        reason = warm(model, sizes)
+        if reason:
+            raise ReloadError(entry.name, reason)
+        models[entry.name] = fresh[entry.name] = model
+    batchers = {name: current.batchers[name] if name not in fresh else make_batcher(model)
+                for name, model in models.items()}
+    retired = [b for name, b in current.batchers.items() if batchers.get(name) is not b]
+    return _make(manifest, models, batchers, {}, True, settings), retired
+

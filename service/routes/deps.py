@@ -1,0 +1,57 @@
+"""What every model route shares: the model set of this request, a model by name, and running a job on
+the model's batcher with the service's errors (404, 503 on a full queue, 504 past the timeout, 500 when
+the model or the encoding fails).
+
+Plain functions rather than FastAPI `Depends`: dependency solving cost more than the rest of a request
+(service/queries.py). A route reads the set once and, with no await between, takes its model and submits
+to that model's batcher, so a reload swapping the set in between cannot split them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from service.batching import RETRY_AFTER_S, InferenceFailed, Inputs, QueueFull, RequestTimeout
+from service.config import Settings
+from service.errors import ApiError
+from service.modelset import ModelSet
+from service.registry import LoadedModel
+
+
+def model_set(request: Request) -> ModelSet:
+    return request.app.state.models
+
+
+def settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def model_for(models: ModelSet, name: str | None, endpoint: str) -> LoadedModel:
+    """The named model, or the endpoint's default when `name` is None; 404 naming what is available."""
+    name = name or models.default(endpoint)
+    if name is None:
+        raise ApiError(503, f"no model loaded that can serve /{endpoint}")
+    model = models.models.get(name)
+    if model is None:
+        raise ApiError(404, f"model {name!r} not found{models.unavailable(name)}")
+    return model
+
+
+async def run(request: Request, models: ModelSet, model: LoadedModel, size: int, inputs: Inputs,
+              finish: Callable[[Any], Response], raw: bool = False) -> Response:
+    """Queue the job on the model's batcher (from `models`, the set the model came from) and await its
+    response."""
+    try:
+        future = models.batchers[model.name].submit(size, inputs, finish, raw,
+                                                    settings(request).request_timeout_s)
+    except QueueFull as full:
+        raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
+    try:
+        return await future
+    except RequestTimeout as err:
+        raise ApiError(504, str(err)) from None
+    except InferenceFailed as err:  # logged where it happened
+        raise ApiError(500, str(err)) from None

@@ -1,0 +1,52 @@
+"""What operators and dashboards ask: the loaded models, liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.metrics import Metrics
+from service.modelset import ModelSet
+from service.registry import LoadedModel
+from service.routes import deps
+
+
+def describe(models: ModelSet, model: LoadedModel) -> dict:
+    e = model.entry
+    return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
+            "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
+            "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
+            "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
+
+
+def router(metrics: Metrics) -> APIRouter:
+    routes = APIRouter(tags=["Operations"])
+
+    @routes.get("/models", summary="The loaded models")
+    async def models(request: Request):
+        current = deps.model_set(request)
+        return {"models": [describe(current, m) for m in current.models.values()]}
+
+    @routes.get("/models/{name}", summary="One model",
+                responses={404: {"description": "unknown model; the message lists the available ones"}})
+    async def model_info(request: Request, name: str = Path(description="a model name from GET /models")):
+        current = deps.model_set(request)
+        return describe(current, deps.model_for(current, name, "sample"))
+
+    @routes.get("/healthz", summary="Liveness: the process is up")
+    async def healthz():
+        return {"status": "ok"}
+
+    @routes.get("/readyz", summary="Readiness: 200 once every loaded model is warmed, 503 before")
+    async def readyz(request: Request):
+        current = deps.model_set(request)
+        body = {"ready": current.ready, "models": {n: current.warmed for n in current.models},
+                "left_out": dict(current.failures) | request.app.state.reloader.left_out()}
+        return JSONResponse(body, status_code=200 if current.ready else 503)
+
+    @routes.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus():
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return routes
