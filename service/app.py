@@ -24,6 +24,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
 from service.modelset import open_set
 from service.providers import plan
+from service.quality import LiveQuality
 from service.registry import LoadedModel
 from service.reload import Reloader
 from service.routes import images, ops, page, v2
@@ -73,10 +74,11 @@ def lifespan_of(settings: Settings, metrics: Metrics, warm: bool, on_ready: Call
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="encode")
+        live = app.state.live = LiveQuality(metrics, lambda: app.state.models)  # the judge on what is served
 
         def make_batcher(model: LoadedModel) -> Batcher:
             return Batcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.max_queued,
-                           encoder, metrics)
+                           encoder, metrics, live.offer)
         app.state.settings = settings
         app.state.models = open_set(settings, make_batcher)
         log.info("serving %d model(s): %s", len(app.state.models.models), ", ".join(app.state.models.models) or "none")
@@ -93,6 +95,7 @@ def lifespan_of(settings: Settings, metrics: Metrics, warm: bool, on_ready: Call
         await reloader.stop()
         for batcher in app.state.models.batchers.values():
             batcher.close()
+        live.close()
         metrics.worker_exits()
         encoder.shutdown(wait=False, cancel_futures=True)
     return lifespan

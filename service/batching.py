@@ -48,6 +48,7 @@ class RequestTimeout(Exception):
 
 
 Inputs = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
+Watch = Callable[[LoadedModel, np.ndarray], None]  # (the model, its batch's output [N, 1, 28, 28])
 
 
 @dataclass
@@ -65,9 +66,10 @@ class Batcher:
     """One model's queue and the thread that serves it."""
 
     def __init__(self, model: LoadedModel, max_batch: int, max_wait_s: float, max_queued: int,
-                 finisher: Executor, metrics: Metrics):
+                 finisher: Executor, metrics: Metrics, watch: Watch | None = None):
         self.model, self.max_batch, self.max_wait_s, self.max_queued = model, max_batch, max_wait_s, max_queued
         self._finisher = finisher  # encodes a batch's responses while the next batch runs
+        self._watch = watch  # sees every batch's output, for the live quality figure; must return at once
         self._jobs: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -147,6 +149,8 @@ class Batcher:
                 continue
             self._inference.observe(time.perf_counter() - ran)
             self._batch.observe(len(output))
+            if self._watch is not None:
+                self._watch(self.model, output)
             try:
                 self._finisher.submit(_finish, batch, output, self.model.name)
             except RuntimeError as err:  # the encode threads are shutting down

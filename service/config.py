@@ -62,6 +62,9 @@ class Settings(BaseSettings):
                                                                    "of the widest model's inputs take as JSON")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its model and "
                                                              "encoding before a 504")
+    quality_gate: bool = Field(True, description="before a model is served (start-up, reload), score seeded samples "
+                                                 "with its judge and leave it out when they fall short of the "
+                                                 "figures its manifest entry records; off: serve it unchecked")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
     api_keys_file: Path | None = Field(None, description="file of `NAME SHA256_OF_THE_KEY` lines: when set, the "

@@ -1,8 +1,9 @@
 """The manifest: the one contract between training (which writes it) and the service (which reads it).
 
 `exported/manifest.json` lists every exported decoder/generator with its ONNX interface, checksum,
-training summary and evaluation metrics, and names the default model of each endpoint. Pure pydantic:
-the service imports it without torch.
+training summary and evaluation metrics, and names the default model of each endpoint; optionally the
+judges (the calibrated evaluators as ONNX files) and, per model, the figures its judge recorded, which
+the service's quality gate checks. Pure pydantic: the service imports it without torch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -35,6 +36,38 @@ class TrainingSummary(_Strict):
     torch: str
 
 
+class QualityFigures(_Strict):
+    """A model's figures as its judge's ONNX file measured them, on the first `samples` draws of `seed`:
+    z = numpy default_rng(seed).standard_normal((samples, latent_dim), float32) and, for conditional
+    models, the classes 0, 1, ..., 9, 0, ... one-hot. The gate draws a prefix of the same inputs."""
+    judge: str = Field(description="the name of the judge (in `judges`) that measured them")
+    judge_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="that judge's file when it measured them")
+    samples: int = Field(ge=1)
+    seed: int = Field(ge=0)
+    confidence: float = Field(ge=0, le=1, description="share of samples whose top probability exceeds the "
+                                                       "judge's `confident`")
+    min_class_share: float = Field(ge=0, le=1, description="share of the least often predicted class")
+    conditional_accuracy: float | None = Field(None, ge=0, le=1, description="share read as the class asked "
+                                                                            "for (conditional models)")
+
+
+class JudgeEntry(_Strict):
+    """A calibrated classifier of one kind of data, exported with its temperature folded in:
+    input `image` float32 [N, 1, 28, 28] in [0, 1], output `probabilities` float32 [N, classes]."""
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    kind: str = Field(description="the kind of data it judges: digits, fashion")
+    datasets: list[str] = Field(description="the datasets whose models it judges")
+    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$", description="ONNX file beside the manifest")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    opset: int = Field(ge=1)
+    class_names: list[str]
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    confident: float = Field(0.9, gt=0, lt=1, description="a sample is confident when its top probability "
+                                                          "exceeds this")
+    report: dict[str, float | int | str] = Field(default_factory=dict, description="how it was trained and "
+                                                                                  "its test accuracy and ECE")
+
+
 class ModelEntry(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
     family: str = Field(description="the training family: vae, vae-dense, cvae, gan, cgan, wgan, wgan-clip")
@@ -50,6 +83,16 @@ class ModelEntry(_Strict):
     training: TrainingSummary
     metrics: dict[str, float | list[float] | None] = Field(
         default_factory=dict, description="the evaluator's figures (training/evaluate.py)")
+    quality: QualityFigures | None = Field(
+        None, description="what the judge's ONNX file measured of this file; the quality gate compares with it")
+
+    @model_serializer(mode="wrap")
+    def _without_quality(self, write) -> dict:
+        """No `quality` key for a model without figures, as before they existed."""
+        data = write(self)
+        if self.quality is None:
+            data.pop("quality", None)
+        return data
 
     @model_validator(mode="after")
     def _classes_agree(self) -> ModelEntry:
@@ -70,6 +113,24 @@ class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     models: list[ModelEntry] = Field(default_factory=list)
     defaults: Defaults = Field(default_factory=Defaults)
+    judges: list[JudgeEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _judges_resolve(self) -> Manifest:
+        """Each model's figures name a listed judge, and that judge's current file."""
+        judges = {j.name: j for j in self.judges}
+        if len(judges) != len(self.judges):
+            raise ValueError("judge names must be unique")
+        for m in self.models:
+            if m.quality is None:
+                continue
+            judge = judges.get(m.quality.judge)
+            if judge is None:
+                raise ValueError(f"{m.name}: quality.judge names {m.quality.judge!r}, which is not among the judges")
+            if judge.sha256 != m.quality.judge_sha256:
+                raise ValueError(f"{m.name}: quality was measured with another file of judge {judge.name} "
+                                 f"({m.quality.judge_sha256[:12]}..., now {judge.sha256[:12]}...); measure it again")
+        return self
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Manifest:
@@ -93,13 +154,40 @@ class Manifest(_Strict):
                 return entry
         raise KeyError(name)
 
+    def judge_for(self, entry: ModelEntry) -> JudgeEntry | None:
+        """The judge of the model's data: the one its figures name, else the one listing its dataset."""
+        name = entry.quality.judge if entry.quality else None
+        return next((j for j in self.judges if j.name == name or (name is None and entry.dataset in j.datasets)),
+                    None)
+
     def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = ()) -> Manifest:
         """A copy with `entry` replacing the model of the same name (or appended), defaults updated."""
         models = [m for m in self.models if m.name != entry.name] + [entry]
         defaults = self.defaults.model_copy(update={e: entry.name for e in default_for})
-        return Manifest.model_validate({"schema_version": self.schema_version,
-                                        "models": [m.model_dump() for m in sorted(models, key=lambda m: m.name)],
-                                        "defaults": defaults.model_dump()})
+        return self._with(models, defaults, self.judges)
+
+    def upsert_judge(self, judge: JudgeEntry, models: list[ModelEntry]) -> Manifest:
+        """A copy with `judge` replacing the judge of the same name (or appended), and `models` replacing
+        theirs: the models it judges, measured again with its new file."""
+        judges = [j for j in self.judges if j.name != judge.name] + [judge]
+        changed = {m.name: m for m in models}
+        return self._with([changed.get(m.name, m) for m in self.models], self.defaults, judges)
+
+    def _with(self, models: list[ModelEntry], defaults: Defaults, judges: list[JudgeEntry]) -> Manifest:
+        data = {"schema_version": self.schema_version,
+                "models": [m.model_dump() for m in sorted(models, key=lambda m: m.name)],
+                "defaults": defaults.model_dump()}
+        if judges:
+            data["judges"] = [j.model_dump() for j in sorted(judges, key=lambda j: j.name)]
+        return Manifest.model_validate(data)
+
+    @model_serializer(mode="wrap")
+    def _without_judges(self, write) -> dict:
+        """No `judges` key when there are none: a manifest from before them writes back as it was."""
+        data = write(self)
+        if not self.judges:
+            data.pop("judges", None)
+        return data
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

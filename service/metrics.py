@@ -34,6 +34,14 @@ class Metrics:
                                     ["key"], registry=self.registry)
         self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model",
                             ["model"], registry=self.registry, multiprocess_mode="livesum")
+        # Each worker scores its own share of what it served: the scrape shows the lowest live worker's
+        # figure (a worker serving worse output shows, where a mean would hide it) and the samples behind all.
+        self.live_confidence = Gauge("digitgen_live_confidence", "the judge's confidence (share of samples above "
+                                     "its threshold) over the last samples a model served and the judge scored; "
+                                     "lowest of the workers", ["model"], registry=self.registry,
+                                     multiprocess_mode="livemin")
+        self.live_scored = Gauge("digitgen_live_scored_samples", "served samples behind digitgen_live_confidence, "
+                                 "all workers", ["model"], registry=self.registry, multiprocess_mode="livesum")
 
     def worker_exits(self) -> None:
         """Drop this worker's live gauge values from the shared files."""

@@ -1,8 +1,9 @@
 """The models being served, as one immutable value swapped whole.
 
-A ModelSet holds the manifest, the models that loaded, their batchers, the defaults and why any model
-was left out. Nothing edits a set: start-up opens one, warm-up and every reload build the next one and
-the app swaps it in with one assignment (service/reload.py, the only writer). A request reads the set
+A ModelSet holds the manifest, the models that loaded, their batchers, the defaults, why any model
+was left out, and the judges with what the quality gate measured of each model (service/quality.py).
+Nothing edits a set: start-up opens one, warm-up and every reload build the next one and the app swaps
+it in with one assignment (service/reload.py, the only writer). A request reads the set
 once and takes its model and batcher from that same set, so it never sees half of a swap.
 """
 
@@ -21,6 +22,7 @@ from service.batching import Batcher
 from service.config import Settings
 from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest
 from service.providers import choose_providers, nvidia_driver_present
+from service.quality import GateResult, Judges, open_judges, screen
 from service.registry import LoadedModel, ModelFileError, open_model
 
 log = logging.getLogger("digitgen.models")
@@ -59,6 +61,8 @@ class ModelSet:
     failures: Mapping[str, str] = field(default_factory=dict)  # model name -> why it is not in this set
     warmed: bool = False
     max_body_bytes: int = BODY_HEADROOM_BYTES
+    judges: Judges = field(default_factory=Judges)  # opened with the warm-up
+    gated: Mapping[str, GateResult | None] = field(default_factory=dict)  # model -> what its gate measured
 
     @property
     def ready(self) -> bool:
@@ -85,9 +89,11 @@ class ModelSet:
 
 
 def _make(manifest: Manifest, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
-          failures: dict[str, str], warmed: bool, settings: Settings) -> ModelSet:
+          failures: dict[str, str], warmed: bool, settings: Settings, judges: Judges = Judges(),
+          gated: dict[str, GateResult | None] | None = None) -> ModelSet:
     return ModelSet(manifest, MappingProxyType(models), MappingProxyType(batchers), MappingProxyType(failures),
-                    warmed, body_limit([m.entry for m in models.values()], settings))
+                    warmed, body_limit([m.entry for m in models.values()], settings), judges,
+                    MappingProxyType(gated or {}))
 
 
 def _providers(settings: Settings, quiet: bool = False) -> list:
@@ -109,38 +115,42 @@ def open_set(settings: Settings, make_batcher: MakeBatcher) -> ModelSet:
     return _make(manifest, models, {n: make_batcher(m) for n, m in models.items()}, failures, False, settings)
 
 
-def warm(model: LoadedModel, sizes: tuple[int, ...]) -> str | None:
-    """Warm one model; the reason it failed, or None."""
+def warm(model: LoadedModel, sizes: tuple[int, ...], judges: Judges, settings: Settings
+         ) -> tuple[str | None, GateResult | None]:
+    """Warm one model, then pass it through its quality gate: (the reason it failed, or None; what the
+    gate measured, or None)."""
     started = time.perf_counter()
     try:
         model.warm(sizes)
     except Exception as err:  # a file that loads but cannot run must not take the others down
-        return f"warm-up failed: {err}"
+        return f"warm-up failed: {err}", None
     log.info("model %s warmed in %.0f ms", model.name, 1000 * (time.perf_counter() - started))
-    return None
+    return screen(model, judges, settings)
 
 
 def warmed_set(current: ModelSet, sizes: tuple[int, ...], settings: Settings) -> tuple[ModelSet, list[Batcher]]:
-    """The set with every model warmed and those that failed left out; and the batchers of those left out,
-    for the caller to close. Blocking: call it off the event loop."""
+    """The set with its judges opened, every model warmed and gated, and those that failed left out; and
+    the batchers of those left out, for the caller to close. Blocking: call it off the event loop."""
     models, batchers, failures = dict(current.models), dict(current.batchers), dict(current.failures)
-    retired = []
+    judges = open_judges(current.manifest, Path(settings.models_dir), _providers(settings, quiet=True), settings)
+    retired, gated = [], {}
     for name, model in current.models.items():
-        reason = warm(model, sizes)
+        reason, gated[name] = warm(model, sizes, judges, settings)
         if reason:
             log.error("model %s left out: %s", name, reason)
             failures[name] = reason
             del models[name]
             retired.append(batchers.pop(name))
-    return _make(current.manifest, models, batchers, failures, True, settings), retired
+    return _make(current.manifest, models, batchers, failures, True, settings, judges, gated), retired
 
 
 def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], make_batcher: MakeBatcher
               ) -> tuple[ModelSet, list[Batcher]]:
     """The set the manifest describes now, for a reload, and the current batchers it no longer uses (the
     caller closes them once swapped). Models whose entry is unchanged carry on with their sessions and
-    batchers; new or changed ones are opened, checked and warmed here. A manifest, or any model of it,
-    that fails raises ReloadError and nothing changes. Blocking: call it off the event loop."""
+    batchers; new or changed ones are opened, checked, warmed and gated here (judges likewise: kept when
+    unchanged). A manifest, or any model of it, that fails raises ReloadError and nothing changes.
+    Blocking: call it off the event loop."""
     try:
         manifest = load_manifest(settings.models_dir)
     except ManifestError as err:
@@ -148,22 +158,23 @@ def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], mak
     if not manifest.models:
         raise ReloadError("manifest", "it lists no models")
     providers = _providers(settings, quiet=True)
-    models, fresh = {}, {}
+    judges = open_judges(manifest, Path(settings.models_dir), providers, settings, current.judges)
+    models, fresh, gated = {}, {}, {}
     for entry in manifest.models:
         kept = current.models.get(entry.name)
         if kept is not None and kept.entry == entry:
-            models[entry.name] = kept
+            models[entry.name], gated[entry.name] = kept, current.gated.get(entry.name)
             continue
         try:
             model = open_model(entry, Path(settings.models_dir), providers, settings)
         except ModelFileError as err:
             raise ReloadError(entry.name, str(err)) from None
-        reason = warm(model, sizes)
+        reason, gated[entry.name] = warm(model, sizes, judges, settings)
         if reason:
             raise ReloadError(entry.name, reason)
         models[entry.name] = fresh[entry.name] = model
     batchers = {name: current.batchers[name] if name not in fresh else make_batcher(model)
                 for name, model in models.items()}
     retired = [b for name, b in current.batchers.items() if batchers.get(name) is not b]
-    return _make(manifest, models, batchers, {}, True, settings), retired
+    return _make(manifest, models, batchers, {}, True, settings, judges, gated), retired
 

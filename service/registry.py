@@ -65,17 +65,17 @@ def _check_interface(session: ort.InferenceSession, entry: ModelEntry) -> None:
         raise ModelFileError(f"outputs are {[o.name for o in session.get_outputs()]}, expected ['image']")
 
 
-def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: Settings) -> LoadedModel:
-    """The entry's session, after its checks; ModelFileError (never another error) when any fails."""
-    path = models_dir / entry.file
+def open_session(path: Path, sha256: str, providers: list, settings: Settings) -> ort.InferenceSession:
+    """A session of the file the manifest names (a model's or a judge's), after its checksum; ModelFileError
+    (never another error) when it is missing, unreadable, another file or not loadable."""
     if not path.is_file():
         raise ModelFileError(f"{path} is missing")
     try:
         actual = sha256_of(path)
     except OSError as err:  # unreadable (permissions, I/O error): this model is left out, not the service
         raise ModelFileError(f"{path} cannot be read: {err.strerror or err}") from None
-    if actual != entry.sha256:
-        raise ModelFileError(f"{path} has sha256 {actual[:12]}..., the manifest says {entry.sha256[:12]}...")
+    if actual != sha256:
+        raise ModelFileError(f"{path} has sha256 {actual[:12]}..., the manifest says {sha256[:12]}...")
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = 1
@@ -85,10 +85,17 @@ def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: S
         session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # ONNX Runtime raises its own types for corrupt files
         raise ModelFileError(f"{path} does not load in ONNX Runtime: {str(err).strip()[:200]}") from None
+    if providers[0] != CPU and session.get_providers()[0] == CPU:
+        log.warning("%s: CUDA was requested but ONNX Runtime fell back to the CPU "
+                    "(CUDA or cuDNN libraries missing?)", path.name)
+    return session
+
+
+def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: Settings) -> LoadedModel:
+    """The entry's session, after its checks; ModelFileError (never another error) when any fails."""
+    path = models_dir / entry.file
+    session = open_session(path, entry.sha256, providers, settings)
     _check_interface(session, entry)
     provider = session.get_providers()[0]
-    if providers[0] != CPU and provider == CPU:
-        log.warning("model %s: CUDA was requested but ONNX Runtime fell back to the CPU "
-                    "(CUDA or cuDNN libraries missing?)", entry.name)
     log.info("model %s loaded from %s on %s", entry.name, path, provider)
     return LoadedModel(entry, session, provider)

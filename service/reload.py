@@ -3,7 +3,8 @@ build the next ModelSet off the event loop and swap it in with one assignment, o
 
 Hot reload without downtime: `kill -HUP <pid of python -m service>` (forwarded to every worker) makes
 each worker re-read the manifest. New and changed models are opened beside the old ones, checked (sha256,
-interface) and warmed; unchanged models keep their sessions and batchers. Requests already queued for a
+interface), warmed and passed through their quality gate (service/quality.py); unchanged models keep their
+sessions and batchers. Requests already queued for a
 replaced or removed model finish on the session they started with (its batcher drains, then stops). A
 manifest or model that fails leaves the old set serving: the reason is logged, shown in /readyz under
 `left_out`, and counted in digitgen_reloads_total{result="failed"}.

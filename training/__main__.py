@@ -1,4 +1,4 @@
-"""Command line: `python -m training list | train MODEL | evaluate RUN_OR_ONNX | export RUN --name NAME`."""
+"""Command line: `python -m training list | train MODEL | evaluate RUN_OR_ONNX | export RUN --name NAME | judge`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="any dataset of the kind (default mnist: the digits evaluator)")
     evaluator.add_argument("--data-dir", help="folder of the evaluator's IDX files (default data/mnist)")
 
+    add_judge_command(commands)
+
     sweep = commands.add_parser(
         "truncation", help="score every model of a manifest at several truncations; plot fidelity against diversity",
         description="For each model in MODELS_DIR/manifest.json: confidence, FID and recall (relative to real "
@@ -99,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
                         help=f"images per evaluation (default {DEFAULT_SAMPLES})")
     return parser
+
+
+def add_judge_command(commands) -> None:
+    """`python -m training judge`: the judge file beside the models, and their figures by it."""
+    judge = commands.add_parser(
+        "judge", help="export a kind's evaluator to ONNX beside the models and measure them with it",
+        description="Write MODELS_DIR/judge-KIND.onnx (the evaluator with its temperature folded in, checked "
+                    "against PyTorch under ONNX Runtime), list it in MODELS_DIR/manifest.json and record, for "
+                    "every model it judges, the figures the service's quality gate checks (confidence, smallest "
+                    "class share, conditional accuracy), measured with that file. `export` does this for its "
+                    "model, exporting the judge when none is listed.")
+    judge.add_argument("--models-dir", type=Path, default=Path("exported"), help="default exported/")
+    judge.add_argument("--dataset", choices=DATASETS, default="mnist",
+                       help="any dataset of the kind (default mnist: the digits judge)")
+    judge.add_argument("--data-dir", help="folder of the evaluator's IDX files (default data/mnist)")
+    judge.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
+                       help=f"images per model (default {DEFAULT_SAMPLES})")
 
 
 def cmd_list() -> None:
@@ -163,6 +182,19 @@ def cmd_evaluator(args: argparse.Namespace) -> None:
     print("\n".join(f"{key}: {value}" for key, value in report.items()))
 
 
+def cmd_judge(args: argparse.Namespace) -> None:
+    from service.manifest import MANIFEST_NAME, load_manifest
+    from training import evaluator
+    from training.atomic import write_text_atomic
+    from training.judge_export import with_quality
+
+    judge = evaluator.load_judge(args.dataset, args.data_dir)
+    manifest = with_quality(load_manifest(args.models_dir), args.models_dir, judge, evaluator.KINDS[args.dataset],
+                            samples=args.samples, renew=True)
+    write_text_atomic(args.models_dir / MANIFEST_NAME, manifest.to_json())
+    print(f"wrote {args.models_dir / MANIFEST_NAME}")
+
+
 def cmd_truncation(args: argparse.Namespace) -> None:
     from service.manifest import load_manifest
     from training import evaluate, evaluator, pictures
@@ -220,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.loop import RunError
 
     commands = {"list": lambda _: cmd_list(), "train": cmd_train, "evaluate": cmd_evaluate,
-                "evaluator": cmd_evaluator, "truncation": cmd_truncation, "export": cmd_export,
+                "evaluator": cmd_evaluator, "judge": cmd_judge, "truncation": cmd_truncation, "export": cmd_export,
                 "bundle": cmd_bundle}
     from torch.distributed import DistError
 

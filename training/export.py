@@ -56,34 +56,41 @@ def _inputs(latent_dim: int, num_classes: int, n: int, seed: int) -> tuple[torch
     return z, (1 - weight) * eye[a] + weight * eye[b]
 
 
-def export_onnx(net: nn.Module, num_classes: int, path: Path) -> int:
-    """Write `net.generate` to `path` atomically after the parity check; returns the opset."""
+def export_checked(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], output: str,
+                   path: Path, check: tuple[torch.Tensor, ...], tolerance: float) -> int:
+    """Write `module` (eval mode, float32 on the CPU) to `path` atomically, with a dynamic batch axis,
+    once ONNX Runtime's CPU output on `check` matches PyTorch's within `tolerance` (max absolute
+    difference); returns the opset. The inputs are named `names`, the output `output`."""
     import onnx
     import onnxruntime as ort
 
-    decoder = _Decoder(copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format),
-                       num_classes > 0).eval()
-    example = _inputs(net.latent_dim, num_classes, EXAMPLE_BATCH, seed=0)
-    names = ["z", "y"][:len(example)]
     batch = torch.export.Dim("batch", min=1)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we do not use
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (FutureWarning, UserWarning))  # torch's exporter internals, not ours
-        program = torch.onnx.export(decoder, example, input_names=names, output_names=["image"], dynamo=True,
+        program = torch.onnx.export(module, example, input_names=names, output_names=[output], dynamo=True,
                                     dynamic_shapes={name: {0: batch} for name in names}, verbose=False)
     with atomic_path(path) as tmp:
         program.save(str(tmp))
-        check = _inputs(net.latent_dim, num_classes, PARITY_SAMPLES, seed=1)
         with torch.no_grad():
-            expected = decoder(*check).numpy()
+            expected = module(*check).numpy()
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(["image"], dict(zip(names, (t.numpy() for t in check))))[0]
+        got = session.run([output], dict(zip(names, (t.numpy() for t in check))))[0]
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-        if not diff <= PARITY_TOLERANCE:
+        if not diff <= tolerance:
             raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
-                              f"(> {PARITY_TOLERANCE:g}) over {PARITY_SAMPLES} samples; not written")
+                              f"(> {tolerance:g}) over {len(check[0])} samples; not written")
         opset = next(o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx"))
     return opset
+
+
+def export_onnx(net: nn.Module, num_classes: int, path: Path) -> int:
+    """Write `net.generate` to `path` atomically after the parity check; returns the opset."""
+    decoder = _Decoder(copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format),
+                       num_classes > 0).eval()
+    example = _inputs(net.latent_dim, num_classes, EXAMPLE_BATCH, seed=0)
+    check = _inputs(net.latent_dim, num_classes, PARITY_SAMPLES, seed=1)
+    return export_checked(decoder, example, ["z", "y"][:len(example)], "image", path, check, PARITY_TOLERANCE)
 
 
 def _training_summary(run: Path, record: dict, epoch: int) -> TrainingSummary:
@@ -104,9 +111,10 @@ def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
 def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
                samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
                data_dir: str | Path | None = None, raw: bool = False, log=print) -> ModelEntry:
-    """Export, check, evaluate and list one run; returns its manifest entry. `data_dir` locates the
-    evaluator's data (default: the run's own data when it is the evaluator's dataset, else data/mnist);
-    `raw` exports a GAN's raw generator rather than its EMA, where the raw weights scored better."""
+    """Export, check, evaluate and list one run, with its figures by the judge's ONNX file (the judge is
+    exported beside it when the manifest lists none of its kind); returns its manifest entry. `data_dir`
+    locates the evaluator's data (default: the run's own data when it is the evaluator's dataset, else
+    data/mnist); `raw` exports a GAN's raw generator rather than its EMA, where the raw weights scored better."""
     for endpoint in default_for:
         if endpoint not in ENDPOINTS:
             raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
@@ -142,7 +150,9 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
         updated = manifest.upsert(entry, default_for)
     except ValueError as err:
         raise ExportError(f"{manifest_path}: {err}") from None
+    from training.judge_export import with_quality  # it builds on this module's export_checked
+    updated = with_quality(updated, out_dir, judge, evaluator.KINDS[config.dataset], [name], samples, log=log)
     write_text_atomic(manifest_path, updated.to_json())
     log(f"{manifest_path}: {name} listed" + (f", default for {', '.join(default_for)}" if default_for else ""))
-    return entry
+    return updated.model(name)
 

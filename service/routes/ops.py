@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.metrics import Metrics
 from service.modelset import ModelSet
+from service.quality import LiveQuality
 from service.registry import LoadedModel
 from service.routes import deps
 
@@ -18,6 +19,14 @@ def describe(models: ModelSet, model: LoadedModel) -> dict:
             "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
+
+
+def quality(models: ModelSet, model: LoadedModel, live: LiveQuality) -> dict:
+    """The figures its judge recorded at export, what the quality gate measured before this worker served
+    it, and the judge's live figure over what this worker served lately (None where there is none)."""
+    gated = models.gated.get(model.name)
+    return {"recorded": model.entry.quality.model_dump() if model.entry.quality else None,
+            "gate": gated.describe() if gated else None, "live": live.snapshot(model)}
 
 
 def router(metrics: Metrics) -> APIRouter:
@@ -32,7 +41,8 @@ def router(metrics: Metrics) -> APIRouter:
                 responses={404: {"description": "unknown model; the message lists the available ones"}})
     async def model_info(request: Request, name: str = Path(description="a model name from GET /models")):
         current = deps.model_set(request)
-        return describe(current, deps.model_for(current, name, "sample"))
+        model = deps.model_for(current, name, "sample")
+        return describe(current, model) | {"quality": quality(current, model, request.app.state.live)}
 
     @routes.get("/healthz", summary="Liveness: the process is up")
     async def healthz():

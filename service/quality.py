@@ -1,0 +1,255 @@
+"""The judge travels with the models: the quality gate a model passes before it is served, and the judge's
+live figure of what each model serves.
+
+A judge is a calibrated classifier of one kind of data (the digits evaluator of training/evaluator.py,
+its temperature folded into the graph), listed in the manifest and opened like a model (sha256 checked,
+ONNX Runtime, no torch): `image` [N, 1, 28, 28] in [0, 1] in, `probabilities` [N, classes] out.
+
+The gate, at start-up and at every reload, once a model is warmed: draw the first GATE_SAMPLES of the
+seeded inputs its manifest figures were measured on (`QualityFigures`), score the images with its judge,
+and compare confidence, smallest class share and conditional accuracy with the recorded figures. Each
+is a proportion, so a figure p recorded over many samples, measured again over n, falls short by more
+than GATE_Z binomial standard errors sqrt(p (1 - p) / n) about once in 30,000 (plus 1 / n: one sample's
+worth, so a figure recorded as 0 or 1 is not refused for one sample). Lower than that, and the model is
+refused with the figure named.
+
+Live: a batcher hands a few rows of a batch's output to `LiveQuality.offer` (at most LIVE_ROWS rows
+every LIVE_INTERVAL_S per model, dropped when the scorer is behind); one thread per worker scores them
+and keeps each model's last LIVE_WINDOW scores, shown as a gauge in /metrics and in /models/{name}.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from service.config import Settings
+from service.manifest import JudgeEntry, Manifest, ModelEntry, QualityFigures
+from service.metrics import Metrics
+from service.registry import LoadedModel, ModelFileError, open_session
+from service.sampling import latents, one_hot
+
+if TYPE_CHECKING:
+    from service.modelset import ModelSet
+
+log = logging.getLogger("digitgen.quality")
+
+GATE_SAMPLES = 1000  # figures within 0.015 (sd) for about 0.5 s a model: tests/benchmarks/quality_gate.py
+GATE_BATCH = 250     # images per model and judge call while gating: the sessions' arenas stay small
+GATE_Z = 4.0         # standard errors a figure may fall short by: a one-sided normal tail of 3e-5
+FIGURES = ("confidence", "min_class_share", "conditional_accuracy")
+
+LIVE_ROWS = 4            # rows of a batch handed to the scorer
+LIVE_INTERVAL_S = 0.25   # at most one hand-off per model this often: <= 16 rows/s per model and worker
+LIVE_QUEUE = 64          # hand-offs waiting for the scorer; more are dropped
+LIVE_WINDOW = 256        # the live figure covers each model's last this many scored samples
+
+
+@dataclass(frozen=True)
+class Judge:
+    entry: JudgeEntry
+    session: ort.InferenceSession
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities [N, classes] of images [N, 1, 28, 28] in [0, 1]."""
+        return self.session.run(["probabilities"], {"image": images})[0]
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The manifest's judges that opened, and why the others did not."""
+    loaded: Mapping[str, Judge] = field(default_factory=lambda: MappingProxyType({}))
+    failed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, settings: Settings) -> Judge:
+    """The judge's session after its checksum and interface; ModelFileError when either fails."""
+    path = models_dir / entry.file
+    session = open_session(path, entry.sha256, providers, settings)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if [(i.name, i.type, i.shape[1:]) for i in inputs] != [("image", "tensor(float)", list(entry.image_shape))]:
+        raise ModelFileError(f"{path}: inputs are {[(i.name, i.type, i.shape) for i in inputs]}, "
+                             f"expected image float [N, {', '.join(map(str, entry.image_shape))}]")
+    if [(o.name, o.shape[1:]) for o in outputs] != [("probabilities", [len(entry.class_names)])]:
+        raise ModelFileError(f"{path}: outputs are {[(o.name, o.shape) for o in outputs]}, "
+                             f"expected probabilities [N, {len(entry.class_names)}]")
+    log.info("judge %s (%s) loaded from %s on %s", entry.name, entry.kind, path, session.get_providers()[0])
+    return Judge(entry, session)
+
+
+def open_judges(manifest: Manifest, models_dir: Path, providers: list, settings: Settings,
+                kept: Judges = Judges()) -> Judges:
+    """Every judge of the manifest: those of `kept` whose entry is unchanged carry on, the rest are opened."""
+    loaded, failed = {}, {}
+    for entry in manifest.judges:
+        old = kept.loaded.get(entry.name)
+        if old is not None and old.entry == entry:
+            loaded[entry.name] = old
+            continue
+        try:
+            loaded[entry.name] = open_judge(entry, models_dir, providers, settings)
+        except ModelFileError as err:
+            failed[entry.name] = str(err)
+            log.error("judge %s not loaded: %s", entry.name, err)
+    return Judges(MappingProxyType(loaded), MappingProxyType(failed))
+
+
+# --- the gate ------------------------------------------------------------------------------------
+
+def seeded_inputs(entry: ModelEntry, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(z [n, latent], y [n, classes] or None, labels [n] or None): the inputs the recorded figures were
+    measured on (training/evaluate.py: evaluation_inputs), the classes 0..9 in turn."""
+    z = latents(seed, n, entry.latent_dim)
+    if not entry.conditional:
+        return z, None, None
+    labels = np.arange(n) % entry.num_classes
+    return z, one_hot(labels, entry.num_classes), labels
+
+
+def figures(probabilities: np.ndarray, labels: np.ndarray | None, confident: float) -> dict[str, float]:
+    """Confidence (share above `confident`), smallest class share and, with labels, conditional accuracy."""
+    predicted = probabilities.argmax(1)
+    shares = np.bincount(predicted, minlength=probabilities.shape[1]) / len(predicted)
+    measured = {"confidence": float((probabilities.max(1) > confident).mean()),
+                "min_class_share": float(shares.min())}
+    if labels is not None:
+        measured["conditional_accuracy"] = float((predicted == labels).mean())
+    return measured
+
+
+def tolerance(recorded: float, n: int) -> float:
+    """How far below a recorded proportion a figure measured over n samples may fall."""
+    return GATE_Z * math.sqrt(recorded * (1 - recorded) / n) + 1 / n
+
+
+@dataclass(frozen=True)
+class GateResult:
+    samples: int
+    measured: Mapping[str, float]
+    lowest: Mapping[str, float]  # the least each figure may be: recorded - tolerance
+    seconds: float
+
+    @property
+    def shortfalls(self) -> list[str]:
+        return [f"{key} {self.measured[key]:.4f} over {self.samples} samples, below the {self.lowest[key]:.4f} "
+                f"its recorded {key} allows" for key in self.lowest if self.measured[key] < self.lowest[key]]
+
+    def describe(self) -> dict:
+        return {"samples": self.samples, "measured": dict(self.measured),
+                "lowest_allowed": {key: round(value, 4) for key, value in self.lowest.items()},
+                "seconds": round(self.seconds, 3)}
+
+
+def gate(model: LoadedModel, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> GateResult:
+    """Draw the first `samples` of the recorded figures' inputs through the model and score them."""
+    started = time.perf_counter()
+    n = min(samples, recorded.samples)
+    z, y, labels = seeded_inputs(model.entry, n, recorded.seed)
+    probabilities = np.concatenate([
+        judge.probabilities(model.run(z[i:i + GATE_BATCH], None if y is None else y[i:i + GATE_BATCH]))
+        for i in range(0, n, GATE_BATCH)])
+    measured = figures(probabilities, labels, judge.entry.confident)
+    lowest = {key: getattr(recorded, key) - tolerance(getattr(recorded, key), n)
+              for key in FIGURES if getattr(recorded, key) is not None and key in measured}
+    return GateResult(n, MappingProxyType(measured), MappingProxyType(lowest), time.perf_counter() - started)
+
+
+def screen(model: LoadedModel, judges: Judges, settings: Settings) -> tuple[str | None, GateResult | None]:
+    """The gate for one warmed model: (why it may not be served, or None; what the gate measured)."""
+    recorded = model.entry.quality
+    if not settings.quality_gate:
+        return None, None
+    if recorded is None:
+        log.warning("model %s: its manifest entry records no quality figures; served without the quality gate",
+                    model.name)
+        return None, None
+    judge = judges.loaded.get(recorded.judge)
+    if judge is None:
+        return f"quality gate: judge {recorded.judge} is not loaded ({judges.failed.get(recorded.judge)})", None
+    try:
+        result = gate(model, judge, recorded)
+    except Exception as err:  # a model or judge that cannot run is refused, never takes the others down
+        return f"quality gate: scoring failed: {err}", None
+    if result.shortfalls:
+        return "quality gate: " + "; ".join(result.shortfalls), result
+    log.info("model %s passed the quality gate in %.0f ms (%d samples): %s", model.name, 1000 * result.seconds,
+             result.samples, ", ".join(f"{k} {v:.4f}" for k, v in result.measured.items()))
+    return None, result
+
+
+# --- live ----------------------------------------------------------------------------------------
+
+class LiveQuality:
+    """The judge's confidence over what each model served lately, scored off the request path."""
+
+    def __init__(self, metrics: Metrics, current: Callable[[], ModelSet]):
+        self._current = current  # the set being served: its judges, and whether a model still is in it
+        self._confidence, self._scored = metrics.live_confidence, metrics.live_scored
+        self._rows: queue.Queue = queue.Queue(LIVE_QUEUE)
+        self._due: dict[str, float] = {}
+        self._windows: dict[str, tuple[str, deque]] = {}  # model -> (its file's sha256, last scores)
+        self.live: dict[str, dict] = {}  # model -> {"sha256", "confidence", "samples"}, each replaced whole
+        self._thread = threading.Thread(target=self._score, name="live-quality", daemon=True)
+        self._thread.start()
+
+    def offer(self, model: LoadedModel, output: np.ndarray) -> None:
+        """From a batch thread once the model ran: hand a few rows of its output [N, 1, 28, 28] to the scorer,
+        at most every LIVE_INTERVAL_S per model; dropped when the scorer is behind."""
+        now = time.monotonic()
+        if now < self._due.get(model.name, 0.0):
+            return
+        self._due[model.name] = now + LIVE_INTERVAL_S
+        try:
+            self._rows.put_nowait((model, output[:LIVE_ROWS].copy()))
+        except queue.Full:
+            pass
+
+    def snapshot(self, model: LoadedModel) -> dict | None:
+        """The live figure of this model's file, or None before any of its output was scored."""
+        live = self.live.get(model.name)
+        if live is None or live["sha256"] != model.entry.sha256:
+            return None
+        return {"confidence": live["confidence"], "samples": live["samples"], "window": LIVE_WINDOW}
+
+    def close(self) -> None:
+        self._rows.put(None)
+        self._thread.join()
+
+    def _judge_of(self, model: LoadedModel) -> Judge | None:
+        current = self._current()
+        if current.models.get(model.name) is not model:  # replaced or removed since: its rows are stale
+            return None
+        judge = current.manifest.judge_for(model.entry)
+        return current.judges.loaded.get(judge.name) if judge else None
+
+    def _score(self) -> None:
+        while (item := self._rows.get()) is not None:
+            model, rows = item
+            try:
+                judge = self._judge_of(model)
+                if judge is None:
+                    continue
+                confident = judge.probabilities(rows).max(1) > judge.entry.confident
+            except Exception as err:  # live scoring must never stop: log, and score the next rows
+                log.warning("model %s: live scoring failed: %s", model.name, err)
+                continue
+            sha, window = self._windows.get(model.name, (None, None))
+            if sha != model.entry.sha256:
+                window = deque(maxlen=LIVE_WINDOW)
+                self._windows[model.name] = (model.entry.sha256, window)
+            window.extend(confident.tolist())
+            value = sum(window) / len(window)
+            self.live[model.name] = {"sha256": model.entry.sha256, "confidence": value, "samples": len(window)}
+            self._confidence.labels(model.name).set(value)
+            self._scored.labels(model.name).set(len(window))
