@@ -13,7 +13,7 @@ DEVICE ?= auto
 # Where MNIST's four IDX files are (or are downloaded to); `make train DATA_DIR=/path/to/mnist` for a local copy.
 DATA_DIR ?=
 
-.PHONY: serve test image-test fuzz train bench bench-serve bench-train keygen clean
+.PHONY: serve test image-test fuzz protocol train bench bench-serve bench-train keygen clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ image-test:
 # The deeper fuzzing run, outside `make test`: every operation, the bundled models, 400 examples each.
 fuzz: $(TRAINED)
 	DIGITGEN_FUZZ_EXAMPLES=400 DIGITGEN_FUZZ_MODELS_DIR=exported $(BIN)/python -m pytest tests/test_fuzz.py -rA
+
+# Recompile service/protocol/inference.proto (the gRPC messages) into service/protocol/descriptor.py.
+protocol: $(TRAINED)
+	$(BIN)/python service/protocol/generate.py
 
 # Train, evaluate and export into exported/. Re-running resumes each run from its checkpoint.
 train: $(TRAINED)

@@ -1,4 +1,5 @@
-"""`python -m service [--host] [--port] [--models-dir] [--workers]`: serve exported/ with uvicorn.
+"""`python -m service [--host] [--port] [--grpc-port] [--models-dir] [--workers]`: serve exported/ with uvicorn
+(and gRPC).
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=os.environ.get("DIGITGEN_HOST", "127.0.0.1"),
-                        help="interface to bind (default 127.0.0.1; 0.0.0.0 in a container)")
+    parser.add_argument("--host", help="interface to bind (DIGITGEN_HOST; default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=port_number, default=os.environ.get("DIGITGEN_PORT", "8000"),
                         help="port to listen on (DIGITGEN_PORT; default 8000)")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes, each with every model "
@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
     parser.add_argument("--providers", choices=("auto", "cuda", "cpu"), help="DIGITGEN_PROVIDERS (default auto)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
+    parser.add_argument("--grpc-port", type=port_number, help="serve the Open Inference Protocol over gRPC on this "
+                                                              "port too (DIGITGEN_GRPC_PORT; default: off)")
     args = parser.parse_args(argv)
-    flags = {flag: getattr(args, flag) for flag in ("models_dir", "providers", "log_level", "workers")
-             if getattr(args, flag) is not None}
+    flags = {flag: getattr(args, flag) for flag in ("host", "models_dir", "providers", "log_level", "workers",
+                                                    "grpc_port") if getattr(args, flag) is not None}
     try:
         settings = plan(Settings(**flags))
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
@@ -57,12 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {"host": args.host, "port": args.port, "log_level": settings.log_level, "access_log": settings.access_log}
+    options = {"host": settings.host, "port": args.port, "log_level": settings.log_level,
+               "access_log": settings.access_log}
+    if settings.grpc_port:  # taken by another server? (the workers' own sockets share it, so ask first)
+        try:
+            workers.listening_socket(settings.host, settings.grpc_port, shared=False).close()
+        except OSError as err:
+            return _error(f"error: --grpc-port (DIGITGEN_GRPC_PORT) {settings.grpc_port}: {err.strerror or err}")
     with shared_metrics(settings.workers):
         try:
             return workers.run(partial(create_app, settings), options, settings.workers)
         except OSError as err:
-            return _error(f"error: --host {args.host} --port {args.port}: {err.strerror or err}")
+            return _error(f"error: --host {settings.host} --port {args.port}: {err.strerror or err}")
 
 
 def port_number(text: str) -> int:

@@ -15,13 +15,13 @@ from typing import Callable
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import openinference
+from service import devices, openinference
 from service.auth import ApiKeys, load_keys
 from service.batching import Batcher
 from service.config import Settings
 from service.errors import ApiError, error_response
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import BodyLimit, HotRoutes, RequestMetrics
 from service.modelset import open_set
 from service.providers import plan
 from service.quality import LiveQuality
@@ -32,6 +32,8 @@ from service.routes import images, ops, page, v2
 log = logging.getLogger("digitgen.app")
 
 VERSION = "0.1.0"
+HOT_PATHS = {"/sample", "/generate", "/interpolate", "/v2/models/{name}/infer",
+             "/v2/models/{name}/versions/{version}/infer"}
 EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Truncation", "ETag", openinference.HEADER_LENGTH]
 
 
@@ -43,15 +45,17 @@ def create_app(settings: Settings | None = None, warm: bool = True,
     `on_ready` tells the supervisor. Tests pass warm=False to see the not-ready state."""
     settings = plan(settings or Settings())
     metrics = Metrics()
-    app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, metrics, warm, on_ready),
+    keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
+    app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, metrics, keys, warm, on_ready),
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     for router in (images.router(settings), v2.router("digit-gen", VERSION), ops.router(metrics)):
         mount(app, router)
     page.add_page(app)
     app.add_exception_handler(ApiError, error_response)
+    app.add_middleware(HotRoutes, routes=[r for r in app.routes if getattr(r, "path", None) in HOT_PATHS])
     app.add_middleware(BodyLimit)
-    if settings.api_keys_file:  # inside CORS: preflights pass, and a browser can read the 401
-        app.add_middleware(ApiKeys, keys=load_keys(settings.api_keys_file), counter=metrics.key_requests)
+    if keys:  # inside CORS: preflights pass, and a browser can read the 401
+        app.add_middleware(ApiKeys, keys=keys, counter=metrics.key_requests)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", openinference.HEADER_LENGTH],
@@ -67,7 +71,15 @@ def mount(app: FastAPI, router: APIRouter) -> None:
     app.router.routes.extend(router.routes)
 
 
-def lifespan_of(settings: Settings, metrics: Metrics, warm: bool, on_ready: Callable[[], None] | None):
+async def start_grpc(app: FastAPI, settings: Settings, metrics: Metrics, keys: dict[str, str] | None):
+    """The V2 gRPC server of this worker (imported only when asked for: grpcio is not needed otherwise)."""
+    from service import grpc_server
+    return await grpc_server.start(app.state, metrics, keys, settings.host, settings.grpc_port, "digit-gen", VERSION,
+                                   app.state.models.max_body_bytes)
+
+
+def lifespan_of(settings: Settings, metrics: Metrics, keys: dict[str, str] | None, warm: bool,
+                on_ready: Callable[[], None] | None):
     """Start-up: open the models (cold), warm them off the event loop (in the background, or first for a
     supervised worker) and swap in the warmed set. Shutdown: let warm-up finish, drain every batcher, stop
     the encode threads."""
@@ -89,7 +101,13 @@ def lifespan_of(settings: Settings, metrics: Metrics, warm: bool, on_ready: Call
         elif warm:
             warming = asyncio.create_task(reloader.warm_up())
         reloader.listen()
+        grpc = await start_grpc(app, settings, metrics, keys) if settings.grpc_port else None
+        app.state.gpu_memory_bytes = None
+        watching = asyncio.create_task(devices.watch(app.state, metrics))
         yield
+        watching.cancel()
+        if grpc is not None:
+            await grpc.stop(grace=5)
         if warming:
             await warming
         await reloader.stop()

@@ -39,13 +39,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DIGITGEN_", protected_namespaces=())
 
     models_dir: Path = Field(Path("exported"), description="folder with manifest.json and the ONNX files")
+    host: str = Field("127.0.0.1", description="interface the HTTP (and gRPC) server binds; 0.0.0.0 in a container")
+    grpc_port: int | None = Field(None, ge=1, le=65535, description="port of the Open Inference Protocol over gRPC "
+                                                                    "(inference.GRPCInferenceService); unset: off")
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA when ONNX Runtime can use it, else CPU; cuda: CUDA or a warned fallback")
     workers: int | None = Field(None, ge=1, description="uvicorn worker processes, each with every model. "
-                                                         "Default: 1 on CUDA, else one per available CPU "
+                                                         "Default: one per available CPU, on CUDA too "
                                                          "(service/providers.py: plan)")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per inference. Default: "
                                                                  "the available CPUs shared out among the workers")
+    gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each worker's ONNX Runtime CUDA arena. "
+                                                                  "Default: 6144 MB shared out among the workers "
+                                                                  "(at least 256 each)")
     encode_threads: int = Field(2, ge=1, description="threads that encode responses (PNG, GIF, JSON) off the event loop")
     batch_max_size: int = Field(64, ge=1, description="most images per ONNX Runtime call when requests are "
                                                        "batched; a single larger request runs alone")

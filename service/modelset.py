@@ -97,7 +97,8 @@ def _make(manifest: Manifest, models: dict[str, LoadedModel], batchers: dict[str
 
 
 def _providers(settings: Settings, quiet: bool = False) -> list:
-    return choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(), quiet)
+    return choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(), quiet,
+                            settings.gpu_mem_limit_mb)
 
 
 def open_set(settings: Settings, make_batcher: MakeBatcher) -> ModelSet:

@@ -297,3 +297,37 @@ def infer_response(output: np.ndarray, model: str, request_id: str | None, binar
     header = json.dumps(body | {"outputs": [tensor]}, separators=(",", ":")).encode()
     return Response(header + output.tobytes(), media_type="application/octet-stream",
                     headers={HEADER_LENGTH: str(len(header))})
+
+
+# --- the same protocol over gRPC (service/protocol/inference.proto) -----------------------------------------
+
+def grpc_header(request) -> tuple[dict, bytes]:
+    """A ModelInferRequest as the JSON header and binary data that `parse_infer` reads, so both transports
+    share one validation and one set of messages: `raw_input_contents` (one entry per input, in order) are
+    the binary tensor data; otherwise each input's `contents.fp32_contents` its `data`."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise _bad(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
+    inputs = []
+    for i, tensor in enumerate(request.inputs):
+        spec: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if raw:
+            spec["parameters"] = {"binary_data_size": len(raw[i])}
+        else:
+            spec["data"] = list(tensor.contents.fp32_contents)
+        inputs.append(spec)
+    header: dict[str, Any] = {"inputs": inputs, "outputs": [{"name": o.name} for o in request.outputs] or None}
+    if request.id:
+        header["id"] = request.id
+    return header, b"".join(raw)
+
+
+def grpc_infer_response(output: np.ndarray, model: str, request_id: str | None, messages) -> Any:
+    """The ModelInferResponse: the output tensor's metadata and its bytes in raw_output_contents (what
+    Triton answers over gRPC). Runs on an encode thread."""
+    output = np.ascontiguousarray(output, dtype="<f4")
+    response = messages.ModelInferResponse(model_name=model, model_version=VERSION, id=request_id or "")
+    tensor = response.outputs.add(name=OUTPUT, datatype="FP32")
+    tensor.shape.extend(output.shape)
+    response.raw_output_contents.append(output.tobytes())
+    return response

@@ -19,7 +19,10 @@ log = logging.getLogger("digitgen.providers")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # cuDNN's EXHAUSTIVE search re-benchmarks every new batch size (hundreds of ms each); HEURISTIC does not.
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+# The arena grows by what is asked for, not by doubling, up to gpu_mem_limit (per worker process).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+GPU_MEMORY_BUDGET_MB = 6144  # ONNX Runtime arenas of all workers together, by default; each CUDA context adds
+MIN_ARENA_MB = 256  # about 0.5 GB outside it (GPU benchmark: tests/benchmarks/gpu_serve.py)
 
 
 def nvidia_driver_present() -> bool:
@@ -32,10 +35,13 @@ def nvidia_driver_present() -> bool:
     return True
 
 
-def choose_providers(setting: str, available: list[str], driver: bool, quiet: bool = False) -> list:
-    """The provider list to ask ONNX Runtime for: CUDA first when wanted and usable, CPU always last."""
+def choose_providers(setting: str, available: list[str], driver: bool, quiet: bool = False,
+                     gpu_mem_limit_mb: int | None = None) -> list:
+    """The provider list to ask ONNX Runtime for: CUDA first when wanted and usable (its arena capped at
+    gpu_mem_limit_mb), CPU always last."""
     if setting != "cpu" and CUDA in available and (driver or setting == "cuda"):
-        return [(CUDA, CUDA_OPTIONS), CPU]
+        options = CUDA_OPTIONS | ({"gpu_mem_limit": str(gpu_mem_limit_mb * 2**20)} if gpu_mem_limit_mb else {})
+        return [(CUDA, options), CPU]
     if setting != "cpu" and not quiet:
         why = "no NVIDIA driver" if CUDA in available else f"this ONNX Runtime has no CUDA provider ({', '.join(available)})"
         log.warning("providers=%s: %s; using the CPU", setting, why)
@@ -49,12 +55,15 @@ def cuda_chosen(setting: str) -> bool:
 
 
 def plan(settings: Settings) -> Settings:
-    """The settings with the worker count and ONNX Runtime threads decided: workers x threads = the CPUs.
-    On the CPU one process per core beats one process with more threads (the event loop, not the model,
-    saturates first: make bench-serve); a GPU does the model's work for every worker, so one worker
-    batches best there."""
-    if settings.workers is not None and settings.intra_op_threads is not None:
-        return settings
-    workers = settings.workers or (1 if cuda_chosen(settings.providers) else available_cpus())
+    """The settings with the worker count, ONNX Runtime threads and (on CUDA) each worker's GPU arena
+    decided. Workers x threads = the CPUs, on CUDA too: one process per core beats one process with more
+    threads (the event loop, the HTTP work and the encoding saturate before the model: make bench-serve),
+    and on a GPU machine one worker left the GPU idle while it did all the HTTP and PNG work (a fifth of
+    the CPU mode's images/s on an H200, against 4x with 16 workers). The workers' arenas share
+    GPU_MEMORY_BUDGET_MB."""
+    workers = settings.workers or available_cpus()
     threads = settings.intra_op_threads or max(1, available_cpus() // workers)
-    return settings.model_copy(update={"workers": workers, "intra_op_threads": threads})
+    arena = settings.gpu_mem_limit_mb
+    if arena is None and cuda_chosen(settings.providers):
+        arena = max(MIN_ARENA_MB, GPU_MEMORY_BUDGET_MB // workers)
+    return settings.model_copy(update={"workers": workers, "intra_op_threads": threads, "gpu_mem_limit_mb": arena})

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from service import devices
 from service.config import Settings
 from service.manifest import ModelEntry, sha256_of
 from service.providers import CPU
@@ -30,6 +32,8 @@ class LoadedModel:
     entry: ModelEntry
     session: ort.InferenceSession
     provider: str
+    cpu_session: ort.InferenceSession | None = None  # on CUDA: the same file on the CPU, for small batches
+    cpu_up_to: int = 0  # batches of at most this many images run on cpu_session (measured at warm-up)
 
     @property
     def name(self) -> str:
@@ -37,19 +41,37 @@ class LoadedModel:
 
     def run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         """images [N, 1, 28, 28] in [0, 1] for z [N, latent] (and y [N, classes]); blocking: call it off the loop."""
-        feed = {"z": z} if y is None else {"z": z, "y": y}
-        return self.session.run(["image"], feed)[0]
+        return _run(self.cpu_session if len(z) <= self.cpu_up_to else self.session, z, y)
 
     def warm(self, batch_sizes: tuple[int, ...]) -> None:
         """Run every batch size we will serve once, so no request pays for first-run allocation; a file that
         loads but cannot run raises here."""
         for n in batch_sizes:
-            z = np.zeros((n, self.entry.latent_dim), np.float32)
-            y = np.full((n, self.entry.num_classes), 1 / max(self.entry.num_classes, 1), np.float32) \
-                if self.entry.conditional else None
-            out = self.run(z, y)
+            out = self.run(*self.zeros(n))
             if out.shape != (n, *self.entry.image_shape):
                 raise ModelFileError(f"{self.name}: output shape {out.shape}, expected {(n, *self.entry.image_shape)}")
+        if self.cpu_session is not None:
+            self.choose_devices(max(batch_sizes))
+
+    def choose_devices(self, max_n: int) -> None:
+        """Time the CPU session against the main (CUDA) one at each batch size served, and send the small
+        batches to the CPU where it is faster (service/devices.py)."""
+        def timer(session):
+            return lambda n: devices.median_seconds(partial(_run, session), self.zeros, n)
+        self.cpu_up_to = devices.cpu_up_to(timer(self.cpu_session), timer(self.session), devices.batch_sizes(max_n))
+        log.info("model %s: batches of at most %d image(s) on the CPU, larger ones on %s", self.name,
+                 self.cpu_up_to, self.provider)
+
+    def zeros(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A batch of n inputs: z = 0 and, for a conditional model, y the uniform blend of the classes."""
+        z = np.zeros((n, self.entry.latent_dim), np.float32)
+        y = np.full((n, self.entry.num_classes), 1 / max(self.entry.num_classes, 1), np.float32) \
+            if self.entry.conditional else None
+        return z, y
+
+
+def _run(session: ort.InferenceSession, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+    return session.run(["image"], {"z": z} if y is None else {"z": z, "y": y})[0]
 
 
 def _check_interface(session: ort.InferenceSession, entry: ModelEntry) -> None:
@@ -98,4 +120,5 @@ def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: S
     _check_interface(session, entry)
     provider = session.get_providers()[0]
     log.info("model %s loaded from %s on %s", entry.name, path, provider)
-    return LoadedModel(entry, session, provider)
+    cpu = open_session(path, entry.sha256, [CPU], settings) if provider != CPU else None
+    return LoadedModel(entry, session, provider, cpu)

@@ -171,6 +171,8 @@ def _drop_metrics(pid: int | None) -> None:
 
 def _worker(app_factory: AppFactory, options: dict, ready) -> None:
     """One worker: SIGHUP is still blocked here (inherited), until the app's reloader listens for it."""
+    logging.basicConfig(level=options.get("log_level", "info").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a spawned process starts bare
     sock = listening_socket(options["host"], options["port"])
     app = app_factory(on_ready=ready.set)
     uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])

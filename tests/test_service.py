@@ -339,8 +339,10 @@ def test_inference_and_encoding_run_off_the_event_loop(client, monkeypatch):
         return wrapped
     monkeypatch.setattr(LoadedModel, "run", spy("run", LoadedModel.run))
     monkeypatch.setattr(imaging, "png_grid", spy("png", imaging.png_grid))
-    assert client.get("/sample", params={"n": 2}).status_code == 200
+    assert client.get("/sample", params={"n": 8}).status_code == 200
     assert threads["run"] == "batch-gan" and threads["png"].startswith("encode")
+    assert client.get("/sample", params={"n": 1}).status_code == 200  # too small to be worth a hop
+    assert threads["png"] == "batch-gan"
 
 
 def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch, capsys):
@@ -403,8 +405,19 @@ def test_the_plan_shares_the_cpus_out_among_the_workers(monkeypatch):
     assert planned(providers="cpu", workers=16) == (16, 1)
     assert planned(workers=1, intra_op_threads=3) == (1, 3)
     assert Settings(providers="cpu").workers is None  # the settings alone decide nothing
+    assert plan(Settings(providers="cpu")).gpu_mem_limit_mb is None  # no arena without CUDA
     monkeypatch.setattr(providers, "cuda_chosen", lambda setting: True)
-    assert planned() == (1, 8)  # one worker feeds the GPU
+    assert planned() == (8, 1)  # on CUDA too: the HTTP and encoding work needs every core
+    assert plan(Settings()).gpu_mem_limit_mb == 768  # the 6 GB budget shared out among 8 workers
+    assert plan(Settings(workers=64)).gpu_mem_limit_mb == 256  # never below the floor
+    assert plan(Settings(gpu_mem_limit_mb=1000)).gpu_mem_limit_mb == 1000
+
+
+def test_the_cuda_provider_gets_the_arena_cap_and_grows_it_as_asked():
+    providers = choose_providers("cuda", [CUDA, CPU], True, gpu_mem_limit_mb=512)
+    assert providers[0] == (CUDA, {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested",
+                                   "gpu_mem_limit": str(512 * 2**20)})
+    assert providers[-1] == CPU
 
 
 def test_the_settings_import_nothing_of_onnx_runtime_or_the_service():
@@ -593,3 +606,67 @@ def test_a_request_without_a_seed_is_not_stored(client):
 def test_cors_exposes_the_etag(client):
     response = client.get("/sample", params={"seed": 1}, headers={"Origin": "http://frontend.test"})
     assert "ETag" in response.headers["access-control-expose-headers"]
+
+
+# --- on a GPU machine: small batches where they run faster -------------------------------------------------
+
+def test_the_cpu_takes_the_batch_sizes_up_to_where_it_stops_being_faster():
+    from service.devices import batch_sizes, cpu_up_to
+    gpu = {1: 5.0, 2: 5.0, 4: 5.0, 8: 5.0, 16: 5.0, 32: 5.0, 64: 5.0}.get
+    cpu = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0, 16: 16.0, 32: 32.0, 64: 64.0}.get
+    assert batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert cpu_up_to(cpu, gpu, batch_sizes(64)) == 4
+    assert cpu_up_to(lambda n: 9.0, gpu, batch_sizes(64)) == 0  # never faster: all on the GPU
+    noisy = {1: 1.0, 2: 9.0, 4: 1.0}.get  # one crossover: a size faster again past it does not count
+    assert cpu_up_to(noisy, gpu, [1, 2, 4]) == 1
+
+
+def test_a_model_with_a_cpu_session_sends_small_batches_to_it(models_dir):
+    """The pairing a CUDA model gets, with two CPU sessions standing in (which one is 'faster' is faked)."""
+    from service import devices
+    from service.manifest import load_manifest
+    from service.registry import LoadedModel, open_model
+    settings = Settings(models_dir=models_dir, intra_op_threads=1)
+    main = open_model(load_manifest(models_dir).model("gan"), models_dir, [CPU], settings)
+    used = []
+
+    class Spy:
+        def __init__(self, name, session):
+            self.name, self.session = name, session
+
+        def run(self, outputs, feed):
+            used.append((self.name, len(feed["z"])))
+            return self.session.run(outputs, feed)
+    model = LoadedModel(main.entry, Spy("gpu", main.session), "CUDAExecutionProvider", Spy("cpu", main.session))
+    fake = {"cpu": 1e-4, "gpu": 1e-3}  # per image: the CPU wins up to 8 images
+    original = devices.median_seconds
+    try:
+        devices.median_seconds = lambda run, make, n, runs=5: (fake["cpu"] * n if run.args[0].name == "cpu"
+                                                               else fake["gpu"] * 1.0 + 1e-5 * n)
+        model.warm((1, 16))
+    finally:
+        devices.median_seconds = original
+    assert model.cpu_up_to == 8
+    used.clear()
+    model.run(*model.zeros(8))
+    model.run(*model.zeros(9))
+    assert used == [("cpu", 8), ("gpu", 9)]
+
+
+def test_gpu_memory_is_read_from_nvidia_smi_for_this_process(tmp_path):
+    from service.devices import gpu_memory_bytes
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '111, 300\\n4242, 1536\\n4242, 512\\n'\n")
+    fake.chmod(0o755)
+    assert gpu_memory_bytes(4242, str(fake)) == 2048 * 2**20  # both its contexts
+    assert gpu_memory_bytes(9, str(fake)) == 0
+    assert gpu_memory_bytes(4242, str(tmp_path / "missing")) is None
+
+
+def test_models_and_metrics_say_where_each_model_runs(client):
+    body = client.get("/models").json()
+    assert body["gpu_memory_bytes"] is None  # no model on CUDA here
+    assert {m["name"]: (m["provider"], m["cpu_up_to_batch"]) for m in body["models"]} == \
+        {"gan": (CPU, 0), "cgan": (CPU, 0)}
+    text = client.get("/metrics").text
+    assert f'digitgen_model_device{{cpu_up_to="0",model="gan",provider="{CPU}"}} 1.0' in text

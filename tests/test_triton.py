@@ -81,11 +81,11 @@ def test_the_bundled_models_make_a_valid_repository(tmp_path):
         assert parse(tmp_path / "repo" / entry.name / "config.pbtxt").name == entry.name
 
 
-def readme_client_program() -> str:
-    """The tritonclient program the README shows (the python block after its marker)."""
+def readme_client_program(marker: str = "tritonclient example") -> str:
+    """A tritonclient program the README shows (the python block after its marker)."""
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"<!-- tritonclient example -->\s*```python\n(.*?)```", text, re.S)
-    assert block, "README: the tritonclient example is missing"
+    block = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
+    assert block, f"README: the {marker} is missing"
     return block.group(1)
 
 
@@ -98,3 +98,17 @@ def test_the_readme_tritonclient_program_runs_against_the_service(models_dir, tm
                                                 "DIGITGEN_V2_MODEL": "cgan"})
     assert done.returncode == 0, done.stderr
     assert "cgan: 4 images (4, 1, 28, 28)" in done.stdout
+
+
+def test_the_readme_grpc_program_runs_against_the_service(models_dir, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    program = tmp_path / "grpc_client.py"
+    program.write_text(readme_client_program("tritonclient grpc example"))
+    with running_service(models_dir, grpc_port=str(port)):
+        done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120,
+                              env=os.environ | {"DIGITGEN_GRPC_URL": f"127.0.0.1:{port}"})
+    assert done.returncode == 0, done.stderr
+    assert "cgan over gRPC: 4 images (4, 1, 28, 28)" in done.stdout

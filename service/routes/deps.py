@@ -1,5 +1,5 @@
-"""What every model route shares: the model set of this request, a model by name, and running a job on
-the model's batcher with the service's errors (404, 503 on a full queue, 504 past the timeout, 500 when
+"""What every model route (HTTP and gRPC) shares: the model set of this request, a model by name, and
+running a job on the model's batcher with the service's errors (404, 503 on a full queue, 504 past the timeout, 500 when
 the model or the encoding fails).
 
 Plain functions rather than FastAPI `Depends`: dependency solving cost more than the rest of a request
@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from fastapi import Request
-from fastapi.responses import Response
 
 from service.batching import RETRY_AFTER_S, InferenceFailed, Inputs, QueueFull, RequestTimeout
 from service.config import Settings
@@ -40,13 +39,12 @@ def model_for(models: ModelSet, name: str | None, endpoint: str) -> LoadedModel:
     return model
 
 
-async def run(request: Request, models: ModelSet, model: LoadedModel, size: int, inputs: Inputs,
-              finish: Callable[[Any], Response], raw: bool = False) -> Response:
-    """Queue the job on the model's batcher (from `models`, the set the model came from) and await its
-    response."""
+async def run(models: ModelSet, model: LoadedModel, size: int, inputs: Inputs, finish: Callable[[Any], Any],
+              timeout_s: float, raw: bool = False) -> Any:
+    """Queue the job on the model's batcher (from `models`, the set the model came from) and await what
+    `finish` made of its output (a response; a message for gRPC)."""
     try:
-        future = models.batchers[model.name].submit(size, inputs, finish, raw,
-                                                    settings(request).request_timeout_s)
+        future = models.batchers[model.name].submit(size, inputs, finish, raw, timeout_s)
     except QueueFull as full:
         raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
     try:

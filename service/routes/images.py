@@ -129,7 +129,7 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[LoadedModel,
         return seeded.not_modified
     size, nrow, inputs, info = job(model, q, seeded.seed)
     finish = partial(render, fmt=q.format, nrow=nrow, scale=q.scale, info=info, image_shape=model.entry.image_shape)
-    response = await deps.run(request, models, model, size, inputs, finish)
+    response = await deps.run(models, model, size, inputs, finish, deps.settings(request).request_timeout_s)
     response.headers.update(seeded.headers)
     return response
 

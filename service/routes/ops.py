@@ -17,6 +17,7 @@ def describe(models: ModelSet, model: LoadedModel) -> dict:
     e = model.entry
     return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
             "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
+            "cpu_up_to_batch": model.cpu_up_to,
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
 
@@ -35,7 +36,8 @@ def router(metrics: Metrics) -> APIRouter:
     @routes.get("/models", summary="The loaded models")
     async def models(request: Request):
         current = deps.model_set(request)
-        return {"models": [describe(current, m) for m in current.models.values()]}
+        return {"models": [describe(current, m) for m in current.models.values()],
+                "gpu_memory_bytes": request.app.state.gpu_memory_bytes}  # this worker's, on CUDA
 
     @routes.get("/models/{name}", summary="One model",
                 responses={404: {"description": "unknown model; the message lists the available ones"}})

@@ -46,7 +46,8 @@ async def infer(request: Request, name: str, version: str | None = None):
     header, binary = wire.split_body(body, request.headers.get(wire.HEADER_LENGTH))
     z, y, binary_out, request_id = wire.parse_infer(header, binary, model.entry, deps.settings(request).max_n)
     finish = partial(wire.infer_response, model=model.name, request_id=request_id, binary=binary_out)
-    return await deps.run(request, models, model, len(z), lambda: (z, y), finish, raw=True)
+    return await deps.run(models, model, len(z), lambda: (z, y), finish, deps.settings(request).request_timeout_s,
+                          raw=True)
 
 
 def _latest(handler):

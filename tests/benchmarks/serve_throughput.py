@@ -47,9 +47,13 @@ SERVERS_DIR = Path(__file__).resolve().parent / "servers"
 GENERATE = "/generate?digit=3&n=1"
 SAMPLE = "/sample?n=64"
 V2_INFER = "/v2/models/cgan/infer"
+V2_BATCH = "/v2/models/cgan/infer x64"  # the same route, 64 images per request
 REVALIDATE = "/generate?digit=3&n=1&seed=7"  # sent with If-None-Match: its ETag
-LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16),
-         (V2_INFER, 1, 64), (REVALIDATE, 0, 64)]  # path, images, concurrency
+GRPC_INFER = "gRPC ModelInfer"  # one image per call, driven by grpc_load.py
+LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16), (V2_INFER, 1, 1),
+         (V2_INFER, 1, 64), (V2_BATCH, 64, 16), (REVALIDATE, 0, 64), (GRPC_INFER, 1, 64)]  # path, images, concurrency
+V2_LOADS = {V2_INFER, V2_BATCH, GRPC_INFER}  # what Triton serves
+TRITON = Path(os.environ.get("TRITON_SERVER", "/tmp/triton/tritonserver"))  # ../shared/triton/build.sh
 STATS_LUA = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -61,14 +65,15 @@ end
 """
 
 
-def v2_request_lua(latent_dim: int = 64, num_classes: int = 10) -> str:
-    """wrk's request for V2_INFER: one z (seed 3) and a one-hot 3 as binary tensor data, binary output."""
+def v2_request_lua(images: int = 1, latent_dim: int = 64, num_classes: int = 10) -> str:
+    """wrk's request for V2_INFER: `images` z (seed 3) and one-hot 3s as binary tensor data, binary output."""
     import numpy as np
-    z = np.random.default_rng(3).standard_normal((1, latent_dim), dtype=np.float32)
-    y = np.eye(num_classes, dtype=np.float32)[[3]]
+    z = np.random.default_rng(3).standard_normal((images, latent_dim), dtype=np.float32)
+    y = np.eye(num_classes, dtype=np.float32)[[3] * images]
     header = json.dumps({"inputs": [
-        {"name": "z", "shape": [1, latent_dim], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
-        {"name": "y", "shape": [1, num_classes], "datatype": "FP32", "parameters": {"binary_data_size": y.nbytes}}],
+        {"name": "z", "shape": [images, latent_dim], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
+        {"name": "y", "shape": [images, num_classes], "datatype": "FP32",
+         "parameters": {"binary_data_size": y.nbytes}}],
         "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}).encode()
     body = "".join(f"\\{b}" for b in header + z.tobytes() + y.tobytes())  # Lua decimal escapes
     return (f'wrk.method = "POST"\nwrk.headers["Inference-Header-Content-Length"] = "{len(header)}"\n'
@@ -83,6 +88,7 @@ class Server:
     ready_path: str = GENERATE
     cwd: Path = ROOT
     port: int = 0
+    grpc_port: int = 0  # 0: it speaks no gRPC
     process: subprocess.Popen | None = None
     log: object = None
 
@@ -117,8 +123,15 @@ def benchmark_app(name: str, workers: int) -> list[str]:
 
 def start(server: Server) -> None:
     server.port = free_port()
-    command = server.command + ["--port", str(server.port)]
+    if any("{port}" in part for part in server.command):  # Triton: its own flags
+        server.grpc_port = free_port()
+        command = [part.format(port=server.port, grpc_port=server.grpc_port) for part in server.command]
+    else:
+        command = server.command + ["--port", str(server.port)]
     env = os.environ | server.env
+    if server.env.get("DIGITGEN_GRPC_PORT") == "":
+        server.grpc_port = free_port()
+        env["DIGITGEN_GRPC_PORT"] = str(server.grpc_port)
     server.log = tempfile.TemporaryFile()  # a pipe nobody reads could fill up and stall the server
     server.process = subprocess.Popen(command, cwd=server.cwd, env=env, stdout=server.log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -153,6 +166,28 @@ def wrk(binary: str, script: str, url: str, concurrency: int, seconds: float) ->
     result["rps"] = result["requests"] / result["seconds"]
     result["errors"] = result["socket_errors"] + result["non_2xx"]
     return result
+
+
+def grpc_run(address: str, concurrency: int, seconds: float) -> dict:
+    """grpc_load.py in its own process, as wrk runs in its own."""
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_load.py")), address, "--concurrency",
+                          str(concurrency), "--seconds", str(seconds)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def triton_server(workdir: Path) -> Server | None:
+    """Triton 2.51 with its ONNX Runtime backend over `python -m service triton-repository` of exported/
+    (the repository's own config: dynamic batching, 100 us queue delay, one CPU instance per core)."""
+    if not TRITON.exists():
+        print(f"skipping triton: no {TRITON} (bash ../shared/triton/build.sh builds it in about a minute)")
+        return None
+    repository = workdir / "triton-repository"
+    subprocess.run([sys.executable, "-m", "service", "triton-repository", str(repository)], cwd=ROOT, check=True,
+                   capture_output=True)
+    return Server("triton", [str(TRITON), f"--model-repository={repository}", "--http-address=127.0.0.1",
+                             "--http-port={port}", "--grpc-address=127.0.0.1", "--grpc-port={grpc_port}",
+                             "--allow-metrics=false", "--log-warning=false", "--log-info=false"],
+                  ready_path="/v2/health/ready")
 
 
 def rss_bytes(pid: int) -> int:
@@ -243,7 +278,8 @@ def main() -> None:
     parser.add_argument("--memory-seconds", type=float, default=60, help="0 skips the memory run")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes of every server "
                                                     "(default: the service's own default here)")
-    parser.add_argument("--servers", default="baseline,ceiling,service")
+    parser.add_argument("--servers", default="baseline,ceiling,service,triton",
+                        help="of baseline, ceiling, service, triton (skipped with a line when not built)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:DIGITGEN_X=V,... another service")
     parser.add_argument("--ref", help="also serve the service as of this git commit (service@REF)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -255,29 +291,40 @@ def main() -> None:
     from service.config import Settings
     from service.providers import plan
     args.workers = args.workers or plan(Settings()).workers
-    service_env = {"DIGITGEN_WORKERS": str(args.workers), "DIGITGEN_MODELS_DIR": str(ROOT / "exported")}
+    service_env = {"DIGITGEN_WORKERS": str(args.workers), "DIGITGEN_MODELS_DIR": str(ROOT / "exported"),
+                   "DIGITGEN_GRPC_PORT": ""}  # "": a free port, chosen at start
     service = [sys.executable, "-m", "service"]
     known = {"baseline": Server("baseline", benchmark_app("baseline", args.workers)),
              "ceiling": Server("ceiling", benchmark_app("ceiling", args.workers)),
              "service": Server("service", service, service_env, ready_path="/readyz")}
-    servers = [known[name] for name in args.servers.split(",")]
+    servers = [known[name] for name in args.servers.split(",") if name != "triton"]
+    workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    if "triton" in args.servers.split(",") and (triton := triton_server(workdir)):
+        servers.append(triton)
     servers += [Server(name, service, service_env | env, ready_path="/readyz") for name, env in map(parse_variant, args.variant)]
-    if args.ref:
-        servers.append(Server(f"service@{args.ref}", service, service_env, ready_path="/readyz",
-                              cwd=worktree(args.ref)))
+    if args.ref:  # (no gRPC: the commit may predate it)
+        servers.append(Server(f"service@{args.ref}", service, {k: v for k, v in service_env.items()
+                                                               if k != "DIGITGEN_GRPC_PORT"},
+                              ready_path="/readyz", cwd=worktree(args.ref)))
     names = [s.name for s in servers]
 
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script, \
-            tempfile.NamedTemporaryFile("w", suffix=".lua") as v2_script:
+            tempfile.NamedTemporaryFile("w", suffix=".lua") as v2_script, \
+            tempfile.NamedTemporaryFile("w", suffix=".lua") as v2_batch_script:
         script.write(STATS_LUA)
         script.flush()
         v2_script.write(v2_request_lua() + STATS_LUA)
         v2_script.flush()
+        v2_batch_script.write(v2_request_lua(64) + STATS_LUA)
+        v2_batch_script.flush()
         revalidate_scripts: dict[str, str] = {}
         try:
             for server in servers:
                 start(server)
+                if server.name == "triton":
+                    wrk(binary, v2_script.name, server.url + V2_INFER, 16, args.warmup)
+                    continue
                 if server.name not in ("baseline", "ceiling"):
                     tag = urllib.request.urlopen(server.url + REVALIDATE).headers["ETag"]
                     lua = Path(script.name).with_name(f"revalidate-{server.name}.lua")
@@ -292,12 +339,20 @@ def main() -> None:
                     for server in servers:
                         if server.name == "ceiling" and path != GENERATE:
                             continue  # the ceiling is the HTTP limit for one small image
-                        if path in (V2_INFER, REVALIDATE) and server.name == "baseline":
+                        if path in V2_LOADS | {REVALIDATE} and server.name == "baseline":
                             continue  # it speaks no V2 and sends no ETags
+                        if server.name == "triton" and path not in V2_LOADS:
+                            continue  # Triton speaks V2 only
+                        if path == GRPC_INFER and not server.grpc_port:
+                            continue
                         key = f"{path} c{concurrency}"
-                        lua = v2_script.name if path == V2_INFER else \
-                            revalidate_scripts[server.name] if path == REVALIDATE else script.name
-                        run = wrk(binary, lua, server.url + path, concurrency, args.seconds)
+                        if path == GRPC_INFER:
+                            run = grpc_run(f"127.0.0.1:{server.grpc_port}", concurrency, args.seconds)
+                        else:
+                            scripts = {V2_INFER: v2_script.name, V2_BATCH: v2_batch_script.name}
+                            lua = revalidate_scripts[server.name] if path == REVALIDATE else \
+                                scripts.get(path, script.name)
+                            run = wrk(binary, lua, server.url + path.split(" ")[0], concurrency, args.seconds)
                         runs.setdefault((server.name, key), []).append(run)
                         print(f"{server.name:10} {key:28} {run['rps']:8.0f} req/s  p50 {run['p50_ms']:6.2f} ms  "
                               f"p99 {run['p99_ms']:6.1f} ms  errors {run['errors']}", flush=True)
@@ -343,6 +398,18 @@ def main() -> None:
                      f"/generate's req/s; p99 {s[f'{V2_INFER} c64']['p99_ms']:.1f} ms")
         lines.append(f"/sample?n=64: {s[f'{SAMPLE} c16']['rps'] * 64 / limits[64]:.0%} of the in-process "
                      f"images/s (target >= 80%)")
+        if "triton" in results:
+            t = results["triton"]
+            v1, v64, g64 = f"{V2_INFER} c1", f"{V2_INFER} c64", f"{GRPC_INFER} c64"
+            lines.append(f"V2 infer c64 against Triton: {s[v64]['rps'] / t[v64]['rps']:.2f}x its req/s (target >= 1.0x); "
+                         f"p99 {s[v64]['p99_ms']:.1f} ms against {t[v64]['p99_ms']:.1f} (target <= Triton's + 10)")
+            lines.append(f"V2 infer c1: p50 {s[v1]['p50_ms']:.2f} ms against Triton's {t[v1]['p50_ms']:.2f} "
+                         f"({s[v1]['p50_ms'] / t[v1]['p50_ms']:.2f}x, target <= 1.2x)")
+            lines.append(f"V2 infer, 64 images a request, c16: {s[f'{V2_BATCH} c16']['rps'] / t[f'{V2_BATCH} c16']['rps']:.2f}x "
+                         f"Triton's req/s")
+            if g64 in s and g64 in t:
+                lines.append(f"gRPC infer c64: {s[g64]['rps'] / t[g64]['rps']:.2f}x Triton's gRPC req/s (target >= 1.0x), "
+                             f"{s[g64]['rps'] / s[v64]['rps']:.2f}x our HTTP V2 (target >= 1.0x)")
         for name in names:
             if name.startswith("service@"):
                 ratios = ", ".join(f"{path} c{c} {s[f'{path} c{c}']['rps'] / results[name][f'{path} c{c}']['rps']:.2f}x"

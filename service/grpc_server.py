@@ -1,0 +1,137 @@
+"""The Open Inference Protocol (KServe V2) over gRPC: `inference.GRPCInferenceService` on
+DIGITGEN_GRPC_PORT, in every worker beside its HTTP server (each worker binds the port with SO_REUSEPORT,
+as it does the HTTP one), on the same event loop and the same model set.
+
+Everything is shared with HTTP: the batchers (one ONNX Runtime call serves both transports) and their
+queue bound, the request timeout, the API keys (metadata `authorization: Bearer KEY` or `x-api-key`),
+the metrics (`digitgen_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",status="OK"}`)
+and the validation with its messages (openinference.parse_infer): an HTTP 400 is INVALID_ARGUMENT with the
+same text. Output goes back as raw_output_contents, as Triton answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from service import openinference as wire
+from service.auth import key_name
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.protocol import SERVICE, messages, methods
+from service.routes import deps
+
+log = logging.getLogger("digitgen.grpc")
+
+# HTTP status of an ApiError -> the gRPC code with the same meaning
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+OPEN = {"ServerLive", "ServerReady"}  # like /v2/health/*: no key needed
+
+
+class Servicer:
+    """One handler per RPC; each reads the app's current model set once, as the HTTP routes do."""
+
+    def __init__(self, state, metrics: Metrics, keys: dict[str, str] | None, title: str, version: str):
+        self.state, self.metrics, self.keys, self.title, self.version = state, metrics, keys, title, version
+
+    async def ServerLive(self, request, context):
+        return messages.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return messages.ServerReadyResponse(ready=self.state.models.ready)
+
+    async def ModelReady(self, request, context):
+        models = self.state.models
+        _model(models, request.name, request.version)
+        return messages.ModelReadyResponse(ready=models.ready)
+
+    async def ServerMetadata(self, request, context):
+        return messages.ServerMetadataResponse(name=self.title, version=self.version, extensions=["binary_tensor_data"])
+
+    async def ModelMetadata(self, request, context):
+        metadata = wire.model_metadata(_model(self.state.models, request.name, request.version).entry)
+        return messages.ModelMetadataResponse(**metadata)
+
+    async def ModelInfer(self, request, context):
+        models, settings = self.state.models, self.state.settings
+        model = _model(models, request.model_name, request.model_version)
+        header, binary = wire.grpc_header(request)
+        z, y, _, request_id = wire.parse_infer(header, binary, model.entry, settings.max_n)
+
+        def finish(output):
+            return wire.grpc_infer_response(output, model.name, request_id, messages)
+        return await deps.run(models, model, len(z), lambda: (z, y), finish, settings.request_timeout_s, raw=True)
+
+
+def _model(models, name: str, version: str):
+    if not name:
+        raise ApiError(400, "a model name is required")
+    model = deps.model_for(models, name, "sample")
+    if version not in ("", wire.VERSION):
+        raise ApiError(404, f"model {name!r} has no version {version!r}; its only version is {wire.VERSION}")
+    return model
+
+
+def _handler(servicer: Servicer, name: str) -> grpc.RpcMethodHandler:
+    """An RPC with the service's keys, errors and metrics around it."""
+    request_type, _ = methods[name]
+    call = getattr(servicer, name)
+    endpoint = f"/{SERVICE}/{name}"
+    requests, latency = servicer.metrics.requests, servicer.metrics.latency.labels(endpoint)
+
+    async def handle(request, context: aio.ServicerContext):
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            if servicer.keys is not None and name not in OPEN:
+                _authorize(dict(context.invocation_metadata()), servicer)
+            return await call(request, context)
+        except ApiError as err:
+            code = _code(err)
+            await context.abort(code, err.message)
+        finally:
+            requests.labels(endpoint, code.name).inc()
+            latency.observe(time.perf_counter() - started)
+    return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_type.FromString,
+                                               response_serializer=_serialize)
+
+
+def _serialize(message) -> bytes:
+    return message.SerializeToString()
+
+
+def _code(err: ApiError) -> grpc.StatusCode:
+    if err.status == 503 and err.headers and "Retry-After" in err.headers:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED  # the model's queue is full: retry shortly
+    return CODES.get(err.status, grpc.StatusCode.UNKNOWN)
+
+
+def _authorize(metadata: dict[str, Any], servicer: Servicer) -> None:
+    scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
+    presented = token.strip() if scheme.lower() == "bearer" else str(metadata.get("x-api-key", "")).strip()
+    name = key_name(presented, servicer.keys) if presented else None
+    if name is None:
+        why = "a valid API key is required" if not presented else "the API key is not valid"
+        raise ApiError(401, f"{why}: send metadata `authorization: Bearer KEY` or `x-api-key: KEY`")
+    servicer.metrics.key_requests.labels(name).inc()
+
+
+async def start(state, metrics: Metrics, keys: dict[str, str] | None, host: str, port: int,
+                title: str, version: str, max_message_bytes: int) -> aio.Server:
+    """The gRPC server of this worker, listening on host:port (shared with the other workers)."""
+    server = aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", max_message_bytes)])
+    servicer = Servicer(state, metrics, keys, title, version)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE, {name: _handler(servicer, name) for name in methods}),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} for gRPC")
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) on %s", address)
+    return server
+
