@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("digitgen.quality")
 
 GATE_SAMPLES = 1000  # figures within 0.015 (sd) for about 0.5 s a model: tests/benchmarks/quality_gate.py
-GATE_BATCH = 250     # images per model and judge call while gating: the sessions' arenas stay small
+GATE_BATCH = 64  # images per model and judge call while gating: no larger than a served batch, so no arena grows
 GATE_Z = 4.0         # standard errors a figure may fall short by: a one-sided normal tail of 3e-5
 FIGURES = ("confidence", "min_class_share", "conditional_accuracy")
 

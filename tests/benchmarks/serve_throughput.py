@@ -302,10 +302,11 @@ def main() -> None:
     if "triton" in args.servers.split(",") and (triton := triton_server(workdir)):
         servers.append(triton)
     servers += [Server(name, service, service_env | env, ready_path="/readyz") for name, env in map(parse_variant, args.variant)]
-    if args.ref:  # (no gRPC: the commit may predate it)
-        servers.append(Server(f"service@{args.ref}", service, {k: v for k, v in service_env.items()
-                                                               if k != "DIGITGEN_GRPC_PORT"},
-                              ready_path="/readyz", cwd=worktree(args.ref)))
+    if args.ref:  # its own exported/ (a manifest it can read), no gRPC (the commit may predate it)
+        folder = worktree(args.ref)
+        servers.append(Server(f"service@{args.ref}", service, {
+            "DIGITGEN_WORKERS": str(args.workers), "DIGITGEN_MODELS_DIR": str(folder / "exported")},
+            ready_path="/readyz", cwd=folder))
     names = [s.name for s in servers]
 
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
