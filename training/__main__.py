@@ -19,7 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="list the trainable models and the datasets")
+    add_train_command(commands)
+    add_evaluate_command(commands)
+    add_evaluator_command(commands)
+    add_judge_command(commands)
+    add_truncation_command(commands)
+    add_export_command(commands)
+    add_bundle_command(commands)
+    return parser
 
+
+def add_train_command(commands) -> None:
+    """`python -m training train`: one model, by the flags of training/train_command.py."""
     train = commands.add_parser(
         "train", help="train one model",
         description="Train one model. Defaults not shown come from the model's own settings "
@@ -27,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "processes); --batch-size is then per process.")
     add_train_arguments(train)
 
+
+def add_evaluate_command(commands) -> None:
+    """`python -m training evaluate`: a run or an .onnx file scored by the calibrated judge."""
     evaluate = commands.add_parser(
         "evaluate", help="score a run or an exported .onnx file with the calibrated evaluator",
         description="Draw samples from a run's generator (or an exported ONNX file) and report conditional "
@@ -49,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="where to write the metrics (default RUN/metrics.json, "
                                                    "or NAME.metrics.json beside an .onnx file)")
 
+
+def add_evaluator_command(commands) -> None:
+    """`python -m training evaluator`: train (once) and describe the evaluator of a kind of data."""
     evaluator = commands.add_parser(
         "evaluator", help="train (once) and describe the evaluator of a kind of data",
         description="Print the cached evaluator's test accuracy and calibration, training it first when "
@@ -57,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="any dataset of the kind (default mnist: the digits evaluator)")
     evaluator.add_argument("--data-dir", help="folder of the evaluator's IDX files (default data/mnist)")
 
-    add_judge_command(commands)
 
+def add_truncation_command(commands) -> None:
+    """`python -m training truncation`: every model of a manifest at several truncations."""
     sweep = commands.add_parser(
         "truncation", help="score every model of a manifest at several truncations; plot fidelity against diversity",
         description="For each model in MODELS_DIR/manifest.json: confidence, FID and recall (relative to real "
@@ -73,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--only", nargs="+", metavar="NAME", help="sweep these models only, keeping the others' "
                                                                  "rows of truncation.json (default: all)")
 
+
+def add_export_command(commands) -> None:
+    """`python -m training export`: a run to ONNX, listed in the manifest."""
     export = commands.add_parser(
         "export", help="export a run's decoder/generator to ONNX and list it in the manifest",
         description="Write OUT_DIR/NAME.onnx (checked against PyTorch under ONNX Runtime), evaluate that file, "
@@ -88,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "it trained on them, else data/mnist)")
     export.add_argument("--raw", action="store_true", help="a run with an EMA: export the raw generator")
 
+
+def add_bundle_command(commands) -> None:
+    """`python -m training bundle`: the bundled model set, trained, exported and evaluated."""
     bundle = commands.add_parser(
         "bundle", help="train, evaluate and export the bundled model set (what `make train` runs)",
         description="For each recipe in training/bundle.py: train into RUNS/NAME (resuming), export to "
@@ -100,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default data/mnist)")
     bundle.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES,
                         help=f"images per evaluation (default {DEFAULT_SAMPLES})")
-    return parser
 
 
 def add_judge_command(commands) -> None:

@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from v2_request import binary_infer
+
 ROOT = Path(__file__).resolve().parents[2]
 LOADS = [  # name, path, images per request, extra hey arguments
     ("n=1 PNG", "/generate?digit=3&n=1", 1, []),
@@ -44,16 +46,10 @@ def free_port() -> int:
 
 
 def v2_body(folder: Path) -> tuple[Path, str]:
-    """A binary V2 request for one cgan image, and its JSON header's length."""
-    import numpy as np
-    z = np.random.default_rng(3).standard_normal((1, 64), dtype=np.float32)
-    y = np.eye(10, dtype=np.float32)[[3]]
-    header = json.dumps({"inputs": [
-        {"name": "z", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
-        {"name": "y", "shape": [1, 10], "datatype": "FP32", "parameters": {"binary_data_size": y.nbytes}}],
-        "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}).encode()
+    """A binary V2 request for one cgan image in a file, and its JSON header's length."""
+    header, body = binary_infer(1)
     path = folder / "v2.bin"
-    path.write_bytes(header + z.tobytes() + y.tobytes())
+    path.write_bytes(body)
     return path, str(len(header))
 
 

@@ -17,17 +17,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from v2_request import binary_infer
 
 
 def v2_request() -> tuple[list, bytes]:
     """Headers and body of one binary V2 infer of cgan."""
-    z = np.random.default_rng(3).standard_normal((1, 64), dtype=np.float32)
-    y = np.eye(10, dtype=np.float32)[[3]]
-    header = json.dumps({"inputs": [
-        {"name": "z", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
-        {"name": "y", "shape": [1, 10], "datatype": "FP32", "parameters": {"binary_data_size": y.nbytes}}],
-        "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}).encode()
-    body = header + z.tobytes() + y.tobytes()
+    header, body = binary_infer(1)
     return [(b"inference-header-content-length", str(len(header)).encode()),
             (b"content-length", str(len(body)).encode())], body
 

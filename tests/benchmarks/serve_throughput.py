@@ -42,6 +42,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from v2_request import binary_infer
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS_DIR = Path(__file__).resolve().parent / "servers"
 GENERATE = "/generate?digit=3&n=1"
@@ -65,19 +67,12 @@ end
 """
 
 
-def v2_request_lua(images: int = 1, latent_dim: int = 64, num_classes: int = 10) -> str:
-    """wrk's request for V2_INFER: `images` z (seed 3) and one-hot 3s as binary tensor data, binary output."""
-    import numpy as np
-    z = np.random.default_rng(3).standard_normal((images, latent_dim), dtype=np.float32)
-    y = np.eye(num_classes, dtype=np.float32)[[3] * images]
-    header = json.dumps({"inputs": [
-        {"name": "z", "shape": [images, latent_dim], "datatype": "FP32", "parameters": {"binary_data_size": z.nbytes}},
-        {"name": "y", "shape": [images, num_classes], "datatype": "FP32",
-         "parameters": {"binary_data_size": y.nbytes}}],
-        "outputs": [{"name": "image", "parameters": {"binary_data": True}}]}).encode()
-    body = "".join(f"\\{b}" for b in header + z.tobytes() + y.tobytes())  # Lua decimal escapes
+def v2_request_lua(images: int = 1) -> str:
+    """wrk's request for V2_INFER: `images` z and one-hot 3s as binary tensor data, binary output."""
+    header, body = binary_infer(images)
+    escaped = "".join(f"\\{b}" for b in body)  # Lua decimal escapes
     return (f'wrk.method = "POST"\nwrk.headers["Inference-Header-Content-Length"] = "{len(header)}"\n'
-            f'wrk.headers["Content-Type"] = "application/octet-stream"\nwrk.body = "{body}"\n')
+            f'wrk.headers["Content-Type"] = "application/octet-stream"\nwrk.body = "{escaped}"\n')
 
 
 @dataclass
