@@ -1,9 +1,11 @@
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from training import data
 from training.__main__ import main
@@ -89,6 +91,32 @@ def test_a_new_run_takes_every_flag_even_with_resume(capsys, tmp_path):
     assert json.loads((tmp_path / "gan" / "config.json").read_text())["model_config"]["latent_dim"] == 5
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor compiles its CPU kernels with a C++ compiler")
+def test_a_compiled_run_trains_resumes_with_its_own_choice_and_exports(capsys, tmp_path):
+    """The smallest family, so the one-off compiles take seconds; the GANs' steps are compiled the same way
+    (tests/benchmarks/train_throughput.py --compile runs every family)."""
+    from training.export import export_onnx
+    from training.loop import load_run
+    from training.train_command import parse_train_flags, run_train
+
+    out_dir = tmp_path / "vae-dense"
+    base = ["vae-dense", "--limit", "64", "--batch-size", "32", "--device", "cpu", "--out", str(out_dir), "--quiet"]
+    result = run_train(parse_train_flags([*base, "--epochs", "1", "--compile", *tiny_flags("vae-dense")]))
+    assert all(isinstance(net, torch._dynamo.eval_frame.OptimizedModule) for net in result.trainer.train_nets.values())
+    saved = torch.load(out_dir / "checkpoint.pt", weights_only=True)["trainer"]["nets"]
+    assert not any("_orig_mod" in key for state in saved.values() for key in state)  # loadable uncompiled
+
+    result = run_train(parse_train_flags([*base, "--epochs", "2", "--resume"]))  # no --compile: the run's own
+    assert json.loads((out_dir / "config.json").read_text())["train"]["compile"] is True
+    assert isinstance(result.trainer.train_nets["model"], torch._dynamo.eval_frame.OptimizedModule)
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    trainer, _, _ = load_run(out_dir)
+    export_onnx(trainer.sampler(), trainer.num_classes, tmp_path / "vae-dense.onnx")
+    assert (tmp_path / "vae-dense.onnx").stat().st_size > 0
+
+
 @pytest.mark.parametrize("argv, named", [
     (["train", "cgan", "--epochs", "0"], "--epochs"),
     (["train", "cgan", "--lr", "-1"], "--lr"),
@@ -126,7 +154,7 @@ def test_help_documents_every_flag():
     text = subprocess.run([sys.executable, "-m", "training", "train", "--help"], capture_output=True,
                           text=True, check=True).stdout
     for flag in ("--dataset", "--data-dir", "--epochs", "--batch-size", "--lr", "--latent-dim", "--seed",
-                 "--device", "--out", "--resume", "--loss", "--set", "--r1", "--lr-decay-start", "--ema-decay"):
+                 "--device", "--out", "--resume", "--loss", "--set", "--r1", "--lr-decay-start", "--ema-decay", "--compile"):
         assert flag in text
 
 

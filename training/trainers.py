@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True                # bf16 autocast where the hardware runs bf16 natively
+    compile: bool = False           # torch.compile each step's main forwards (inductor; CUDA graphs on CUDA)
 
 
 def train_config(model: str, **settings) -> TrainConfig:
@@ -111,10 +112,20 @@ class Trainer:
                      for role, net in spec.build(model_config, num_classes).items()}
         self.optimizers = {role: make_optimizer(net.parameters(), config) for role, net in self.nets.items()}
         # What the steps call to train: the networks themselves, or their DistributedDataParallel wrappers
-        # (`distribute`). Saving, sampling and the EMA always use `nets`, so no `module.` prefix leaks.
-        self.train_nets: dict[str, nn.Module] = dict(self.nets)
+        # (`distribute`), compiled with `config.compile`. Saving, sampling and the EMA always use `nets`,
+        # so no `module.` or `_orig_mod.` prefix leaks into a checkpoint.
+        self.train_nets: dict[str, nn.Module] = {role: self.compiled(net) for role, net in self.nets.items()}
         self.ema: EMA | None = None
         self.autocast = precision.autocast(device, config.amp)
+
+    def compiled(self, net: nn.Module) -> nn.Module:
+        """`net` as the steps call it: itself, or with `config.compile` torch.compile'd (inductor; on CUDA
+        mode "reduce-overhead", whose CUDA graphs remove the kernel launches that bind small batches).
+        Only the main forwards go through it: the gradient penalty and R1 need a double backward, which
+        compiled graphs do not support, so they call the network itself."""
+        if not self.config.compile:
+            return net
+        return torch.compile(net, mode="reduce-overhead" if self.device.type == "cuda" else None)
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor | None:
         return F.one_hot(labels, self.num_classes).float() if self.num_classes else None
@@ -164,7 +175,8 @@ class Trainer:
         for role, net in self.nets.items():
             if cuda and role == "generator":  # the same Parameter objects: the optimizer and EMA still hold them
                 net = self.nets[role] = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-            self.train_nets[role] = DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None)
+            self.train_nets[role] = self.compiled(
+                DistributedDataParallel(net, device_ids=[self.device.index] if cuda else None))
 
     def train(self, mode: bool = True) -> None:
         for net in self.nets.values():

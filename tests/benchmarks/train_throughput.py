@@ -6,8 +6,10 @@ and default memory layout, D(real) and D(fake) as two forwards, one optimizer st
 dataset as one tensor, batches by shuffled index, one D forward over real + fake, channels_last,
 bf16 autocast where the hardware runs it natively, fused Adam), also shown with float32 forced.
 The loops run side by side in interleaved rounds; the table gives each one's median.
+With --compile, a fourth loop is ours with `--compile` (torch.compile of the steps' forwards), and the
+table adds its images/s, its gain over ours, and its compile time (the warm-up's extra seconds).
 
-    python tests/benchmarks/train_throughput.py [--rounds 3] [--batches 30] [--models cgan,vae]
+    python tests/benchmarks/train_throughput.py [--rounds 3] [--batches 30] [--models cgan,vae] [--compile]
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ def reference_loop(name: str, data, batches: int):
     return run
 
 
-def our_loop(name: str, data, batches: int, amp: bool):
+def our_loop(name: str, data, batches: int, amp: bool, compile: bool = False):
     spec = MODELS[name]
-    config = train_config(name, batch_size=BATCH, device="cpu")
+    config = train_config(name, batch_size=BATCH, device="cpu", compile=compile)
     config.amp = config.amp and amp
     trainer = make_trainer(spec, model_config(spec), config, data.num_classes, torch.device("cpu"))
     rng = torch.Generator().manual_seed(0)
@@ -112,26 +114,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=30, help="batches per loop per round")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--compile", action="store_true", help="also our loop with --compile")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = load_dataset("mnist-5k")
     print(f"# training throughput, batch {BATCH}, CPU: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| model | reference img/s | ours, float32 img/s | ours img/s | speed-up (float32) | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
+    extra_head, extra_rule = (" ours, compiled img/s | compile gain | compile s |", "---:|---:|---:|") \
+        if args.compile else ("", "")
+    print(f"| model | reference img/s | ours, float32 img/s | ours img/s | speed-up (float32) | speed-up |{extra_head}")
+    print(f"|---|---:|---:|---:|---:|---:|{extra_rule}")
     for name in args.models.split(","):
         loops = {"reference": reference_loop(name, data, args.batches),
                  "fp32": our_loop(name, data, args.batches, amp=False),
                  "ours": our_loop(name, data, args.batches, amp=True)}
-        for run in loops.values():  # warm-up: first-call allocations and oneDNN kernel choice
-            run()
+        if args.compile:
+            loops["compiled"] = our_loop(name, data, args.batches, amp=True, compile=True)
+        warm_up = {key: run() for key, run in loops.items()}  # first-call allocations, oneDNN kernel choice, compile
         rates = {key: [] for key in loops}
         for _ in range(args.rounds):
             for key, run in loops.items():
                 rates[key].append(run())
         med = {key: statistics.median(values) for key, values in rates.items()}
+        extra = ""
+        if args.compile:  # compile time: the warm-up's seconds beyond a steady round's
+            compile_s = args.batches * BATCH * (1 / warm_up["compiled"] - 1 / med["compiled"])
+            extra = f" {med['compiled']:.0f} | {med['compiled'] / med['ours']:.2f}x | {compile_s:.0f} |"
         print(f"| {name} | {med['reference']:.0f} | {med['fp32']:.0f} | {med['ours']:.0f} | "
-              f"{med['fp32'] / med['reference']:.2f}x | {med['ours'] / med['reference']:.2f}x |", flush=True)
+              f"{med['fp32'] / med['reference']:.2f}x | {med['ours'] / med['reference']:.2f}x |{extra}", flush=True)
 
 
 if __name__ == "__main__":
