@@ -10,7 +10,6 @@ Runtime returns on the exported file. Every malformed request is an ApiError 400
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any
 
 import numpy as np

@@ -14,7 +14,6 @@ phase. `make fuzz`: the bundled models and 400 examples each (over 5,000 cases; 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
