@@ -143,9 +143,9 @@ def test_grpc_requests_are_counted_beside_http(service):
 
 # --- in-process: the shared queue bound and the API keys ----------------------------------------------------
 
-def in_process(models_dir, **settings):
+def in_process(models_dir, warm=True, **settings):
     port = free_port()
-    app = create_app(Settings(models_dir=models_dir, intra_op_threads=1, grpc_port=port, **settings))
+    app = create_app(Settings(models_dir=models_dir, intra_op_threads=1, grpc_port=port, **settings), warm=warm)
     return app, f"127.0.0.1:{port}"
 
 
@@ -158,7 +158,7 @@ def test_a_full_queue_is_resource_exhausted(models_dir, monkeypatch):
         gate.wait(10)
         return original(self, z, y)
     monkeypatch.setattr(LoadedModel, "run", held)
-    app, address = in_process(models_dir, max_queued=2)
+    app, address = in_process(models_dir, warm=False, max_queued=2)  # warm-up would run (and block in) `held`
     with TestClient(app) as http, grpc.insecure_channel(address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         request = service_pb2.ModelInferRequest(model_name="gan")
