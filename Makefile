@@ -28,7 +28,7 @@ $(TRAINED): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[train,dev]'
 	touch $@
 
-# Serve the bundled models in exported/ on http://$(HOST):$(PORT) (flags and DIGITGEN_* settings: README).
+# Serve the bundled models in exported/ on http://$(HOST):$(PORT) (flags and DIGITGEN_* settings: service/README.md).
 serve: $(BASE)
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=port_number, default=os.environ.get("DIGITGEN_PORT", "8000"),
                         help="port to listen on (DIGITGEN_PORT; default 8000)")
     parser.add_argument("--workers", type=int, help="uvicorn worker processes, each with every model "
-                                                    "(DIGITGEN_WORKERS; default: 1 on CUDA, else one per CPU)")
+                                                    "(DIGITGEN_WORKERS; default: one per CPU the process may use, on CUDA too)")
     parser.add_argument("--models-dir", help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
     parser.add_argument("--providers", choices=("auto", "cuda", "cpu"), help="DIGITGEN_PROVIDERS (default auto)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
@@ -105,7 +105,7 @@ def triton_repository(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m service triton-repository",
         description="Write OUT/<name>/config.pbtxt and OUT/<name>/1/model.onnx for every model of the manifest: "
-                    "a repository for `tritonserver --model-repository OUT` (README: scaling out).")
+                    "a repository for `tritonserver --model-repository OUT` (service/README.md: Scaling out).")
     parser.add_argument("out", type=Path, metavar="OUT", help="the repository folder (created when missing)")
     parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; "
                                                         "default exported)")

@@ -107,6 +107,7 @@ def test_a_gan_trains_with_augmentation(tmp_path, few_digits):
     (["gan", "--augment", "rotate"], "--augment"),
     (["vae", "--augment", "translation"], "--augment"),
     (["gan", "--kl-weight", "2"], "--kl-weight"),
+    (["vae", "--ema-decay", "0.999"], "--ema-decay"),
 ])
 def test_training_flags_for_the_wrong_family_are_refused(flags, message, tmp_path, capsys):
     assert cli(["train", *flags, "--out", str(tmp_path / "r")]) == 2

@@ -83,7 +83,7 @@ def test_the_bundled_models_make_a_valid_repository(tmp_path):
 
 def readme_client_program(marker: str = "tritonclient example") -> str:
     """A tritonclient program the README shows (the python block after its marker)."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "service" / "README.md").read_text()
     block = re.search(rf"<!-- {marker} -->\s*```python\n(.*?)```", text, re.S)
     assert block, f"README: the {marker} is missing"
     return block.group(1)

@@ -1,4 +1,5 @@
-"""Command line: `python -m training list | train MODEL | evaluate RUN_OR_ONNX | export RUN --name NAME | judge`."""
+"""Command line: `python -m training list | train MODEL | evaluate RUN_OR_ONNX | evaluator | export RUN --name NAME |
+truncation | judge | bundle` (training/README.md)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", help="train one model",
         description="Train one model. Defaults not shown come from the model's own settings "
-                    "(see `python -m training list`). Runs unchanged under torchrun (README: several "
-                    "processes); --batch-size is then per process.")
+                    "(see `python -m training list`). Runs unchanged under torchrun (training/README.md: "
+                    "several processes); --batch-size is then per process.")
     add_train_arguments(train)
 
 

@@ -88,7 +88,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the training steps' forwards (inductor; CUDA graphs on CUDA): "
                             "a one-off compile of seconds to a minute; on this project's 2-core CPU the steps run 0.73-0.87x "
-                            "as fast (README: Training throughput); a resumed run keeps its own choice unless given")
+                            "as fast (tests/benchmarks/README.md); a resumed run keeps its own choice unless given")
     parser.add_argument("--out", type=Path, help="run directory (default runs/MODEL)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with "
                             "its own settings: only --epochs, --device, --data-dir and --compile may differ from them")
@@ -117,6 +117,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
         raise ConfigError(f"--ema-decay {args.ema_decay}: must be in [0, 1)")
+    if args.ema_decay and spec.kind != "gan":
+        raise ConfigError(f"--ema-decay {args.ema_decay}: only the GANs keep an EMA of their generator")
     if args.augment is not None:
         from training.augment import POLICIES
         unknown = [p for p in args.augment.split(",") if p and p not in POLICIES]

@@ -90,9 +90,9 @@ def reference_loop(name: str, data, batches: int):
     return run
 
 
-def our_loop(name: str, data, batches: int, amp: bool, compile: bool = False):
+def our_loop(name: str, data, batches: int, amp: bool, compile: bool = False, batch_size: int = BATCH):
     spec = MODELS[name]
-    config = train_config(name, batch_size=BATCH, device="cpu", compile=compile)
+    config = train_config(name, batch_size=batch_size, device="cpu", compile=compile)
     config.amp = config.amp and amp
     trainer = make_trainer(spec, model_config(spec), config, data.num_classes, torch.device("cpu"))
     rng = torch.Generator().manual_seed(0)
@@ -100,12 +100,12 @@ def our_loop(name: str, data, batches: int, amp: bool, compile: bool = False):
     def run() -> float:
         started, done = time.perf_counter(), 0
         while done < batches:
-            for batch in shuffled_batches(len(data.train), BATCH, rng):
+            for batch in shuffled_batches(len(data.train), batch_size, rng):
                 trainer.step(data.train.images[batch], data.train.labels[batch], done)
                 done += 1
                 if done == batches:
                     break
-        return batches * BATCH / (time.perf_counter() - started)
+        return batches * batch_size / (time.perf_counter() - started)
     return run
 
 
