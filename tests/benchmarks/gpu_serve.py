@@ -1,7 +1,7 @@
 """The service on a GPU machine: CUDA mode beside CPU mode on the same machine, one command, one folder.
 
-Run it on the GPU machine from the project root after `source .device/remote-setup.sh` (DEVELOPERS'
-guide and ../shared/device/README.md: it sets PYTHONPATH and HEY, the `hey` load generator):
+Run it on a machine with an NVIDIA GPU, from the project root, with the base package and onnxruntime-gpu
+importable (PYTHONPATH or an environment) and the `hey` load generator on the PATH or in HEY:
 
     python3 tests/benchmarks/gpu_serve.py --out $OUT/gpu [--seconds 8] [--concurrency 64]
 

@@ -20,7 +20,7 @@ service's resident memory over a run at concurrency 64.
         [--workers 1] [--variant NAME:DIGITGEN_X=V,...] [--ref GIT_REF] [--out tests/benchmarks/results]
 
 --variant adds a service configuration (its environment) as another server, for before/after checks;
---ref adds the service as it was at a commit (a git worktree of it, the same exported/ models) as the
+--ref adds the service as it was at a commit (a git worktree of it, serving that commit's own exported/) as the
 server `service@REF`, measured in the same rounds: a change's throughput as a ratio against its baseline.
 Writes OUT/serve_throughput.json and OUT/serve_throughput.png (throughput against concurrency).
 """
@@ -55,7 +55,7 @@ GRPC_INFER = "gRPC ModelInfer"  # one image per call, driven by grpc_load.py
 LOADS = [(GENERATE, 1, 1), (GENERATE, 1, 16), (GENERATE, 1, 64), (SAMPLE, 64, 16), (V2_INFER, 1, 1),
          (V2_INFER, 1, 64), (V2_BATCH, 64, 16), (REVALIDATE, 0, 64), (GRPC_INFER, 1, 64)]  # path, images, concurrency
 V2_LOADS = {V2_INFER, V2_BATCH, GRPC_INFER}  # what Triton serves
-TRITON = Path(os.environ.get("TRITON_SERVER", "/tmp/triton/tritonserver"))  # ../shared/triton/build.sh
+TRITON = Path(os.environ.get("TRITON_SERVER", "/tmp/triton/tritonserver"))  # a Triton 2.51 build with its ONNX Runtime backend
 STATS_LUA = """
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -174,7 +174,7 @@ def triton_server(workdir: Path) -> Server | None:
     """Triton 2.51 with its ONNX Runtime backend over `python -m service triton-repository` of exported/
     (the repository's own config: dynamic batching, 100 us queue delay, one CPU instance per core)."""
     if not TRITON.exists():
-        print(f"skipping triton: no {TRITON} (bash ../shared/triton/build.sh builds it in about a minute)")
+        print(f"skipping triton: no {TRITON} (set TRITON_SERVER to a tritonserver binary with the ONNX Runtime backend)")
         return None
     repository = workdir / "triton-repository"
     subprocess.run([sys.executable, "-m", "service", "triton-repository", str(repository)], cwd=ROOT, check=True,

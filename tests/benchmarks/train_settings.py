@@ -7,8 +7,8 @@ run side by side in interleaved rounds and the table gives each one's median ima
 the recipe's batch on all threads. Throughput only: a larger batch takes fewer optimizer steps per epoch,
 so it needs its own learning rate and schedule before it can replace a recipe's batch.
 
-    python tests/benchmarks/train_settings.py [--rounds 3] [--images 3840] [--models gan,vae]
-                                              [--batch-sizes 32,64,128,256] [--threads 1,2]
+    python tests/benchmarks/train_settings.py [--rounds 3] [--images 3840] [--models cgan,gan,wgan,vae]
+                                              [--batch-sizes 32,64,128,256] [--threads 1,ALL]
 """
 
 from __future__ import annotations
