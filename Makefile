@@ -64,6 +64,7 @@ bench-serve: $(TRAINED)
 
 bench-train: $(TRAINED)
 	$(BIN)/python tests/benchmarks/train_throughput.py
+	$(BIN)/python tests/benchmarks/train_settings.py
 	$(BIN)/python tests/benchmarks/train_processes.py
 
 clean:
