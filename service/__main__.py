@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if settings.api_keys_file:
             load_keys(settings.api_keys_file)
     except ValidationError as err:
-        return _error("\n".join(f"error: DIGITGEN_{'_'.join(str(p) for p in problem['loc']).upper()}="
-                                f"{problem.get('input')!r}: {problem['msg']}" for problem in err.errors()))
+        return _error("\n".join(_setting_error(problem, flags) for problem in err.errors()))
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -123,6 +122,13 @@ def triton_repository(argv: list[str]) -> int:
     print(f"wrote {', '.join(names)} into {args.out} (max_batch_size {settings.batch_max_size}, "
           f"{'KIND_GPU' if args.gpu else 'KIND_CPU'})")
     return 0
+
+
+def _setting_error(problem: dict, flags: dict) -> str:
+    """A refused setting, named as the user gave it: the flag when a flag gave it, else the variable."""
+    field = "_".join(str(p) for p in problem["loc"])
+    name = f"--{field.replace('_', '-')} (DIGITGEN_{field.upper()})" if field in flags else f"DIGITGEN_{field.upper()}"
+    return f"error: {name}={problem.get('input')!r}: {problem['msg']}"
 
 
 def _error(message: str) -> int:

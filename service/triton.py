@@ -3,7 +3,7 @@
 `python -m service triton-repository OUT` writes, for every model, OUT/<name>/config.pbtxt and
 OUT/<name>/1/model.onnx (the exported file's bytes, checked against the manifest's sha256). The config
 speaks Triton's ONNX Runtime backend: the same tensors as this service's V2 metadata without the batch
-dimension, dynamic batching with a short queue delay, one instance per CPU or GPU. Clients keep working
+dimension, dynamic batching with a short queue delay, one instance on the CPU (`--gpu`: one on each GPU). Clients keep working
 unchanged: Triton answers the same Open Inference Protocol as `/v2` here.
 """
 

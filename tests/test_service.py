@@ -352,6 +352,12 @@ def test_a_bad_setting_stops_startup_naming_the_variable(models_dir, monkeypatch
     assert "DIGITGEN_PROVIDERS='gpu'" in capsys.readouterr().err
 
 
+def test_a_bad_flag_value_is_named_as_the_flag(models_dir, capsys):
+    from service.__main__ import main
+    assert main(["--models-dir", str(models_dir), "--workers", "0"]) == 2
+    assert "error: --workers (DIGITGEN_WORKERS)=0: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("port, message", [("http", "'http' is not a port number"), ("70000", "outside 0-65535")])
 def test_a_bad_port_is_a_cli_error_naming_it_not_a_traceback(models_dir, monkeypatch, capsys, port, message):
     from service.__main__ import main

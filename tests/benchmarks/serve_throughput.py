@@ -172,7 +172,7 @@ def grpc_run(address: str, concurrency: int, seconds: float) -> dict:
 
 def triton_server(workdir: Path) -> Server | None:
     """Triton 2.51 with its ONNX Runtime backend over `python -m service triton-repository` of exported/
-    (the repository's own config: dynamic batching, 100 us queue delay, one CPU instance per core)."""
+    (the repository's own config: dynamic batching, 100 us queue delay, one CPU instance)."""
     if not TRITON.exists():
         print(f"skipping triton: no {TRITON} (set TRITON_SERVER to a tritonserver binary with the ONNX Runtime backend)")
         return None
