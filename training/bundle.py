@@ -28,8 +28,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # The bundled gan was trained as 28 epochs, then resumed to 50 (`--resume --epochs 50`: the learning rate
     # rose again and decayed over epochs 29-50); this recipe trains the 50 epochs in one schedule.
     Recipe("gan", "gan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
-    # Trained as 26 epochs, then resumed to 50 like gan; this recipe trains the 50 epochs in one schedule.
-    Recipe("wgan", "wgan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--lr-decay-start", "0.5")),
+    # One critic step per generator step: the generator's steps are what wgan lacked (9,370 in the previous
+    # 50-epoch recipe with 5 critic steps; 37,480 here at four fifths of its compute).
+    Recipe("wgan", "wgan", (*MNIST, "--epochs", "40", "--n-critic", "1", "--ema-decay", "0.999",
+                            "--lr-decay-start", "0.5")),
     # Trained as 16 epochs, then resumed to 32 like gan; this recipe trains the 32 epochs in one schedule.
     Recipe("cgan", "cgan", (*MNIST, "--epochs", "32", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
            default_for=("sample", "generate", "interpolate")),
