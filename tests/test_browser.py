@@ -123,6 +123,15 @@ def test_the_interpolation_gif_loads(browser, url):
     assert severe(browser) == []
 
 
+def test_a_link_naming_no_option_of_a_choice_walks_with_its_default(browser, url):
+    browser.get(url + "/?model=cgan&scale=2&from=2&to=5&steps=6&wformat=strip&walk=1")
+    loaded(browser, "walk-image", 6 * 28 * 2)  # the strip, the default format: not a request for format=strip
+    (request,) = requested(browser, "/interpolate?")
+    assert "format=png" in request
+    assert browser.find_element(By.ID, "error").is_displayed() is False
+    assert severe(browser) == []
+
+
 def test_an_api_error_is_shown_as_text(browser, url):
     browser.get(url + "/")
     loaded(browser, "grid", 8 * 28 * 2)

@@ -32,7 +32,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # 50-epoch recipe with 5 critic steps; 37,480 here at four fifths of its compute).
     Recipe("wgan", "wgan", (*MNIST, "--epochs", "40", "--n-critic", "1", "--ema-decay", "0.999",
                             "--lr-decay-start", "0.5")),
-    # Trained as 16 epochs, then resumed to 32 like gan; this recipe trains the 32 epochs in one schedule.
     Recipe("cgan", "cgan", (*MNIST, "--epochs", "32", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
            default_for=("sample", "generate", "interpolate")),
 ]}

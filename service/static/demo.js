@@ -64,7 +64,11 @@ const FIELDS = { model: "model", n: "n", scale: "scale", seed: "seed", "walk-dig
 function readState() {
   const query = new URLSearchParams(location.search);
   for (const [id, name] of Object.entries(FIELDS)) {
-    if (query.has(name)) $(id).value = query.get(name);
+    if (!query.has(name)) continue;
+    const field = $(id), value = query.get(name);
+    // a select keeps its default when the link names no option of it (an old or edited link)
+    if (field.tagName === "SELECT" && ![...field.options].some((option) => option.value === value)) continue;
+    field.value = value;
   }
   return query;
 }
