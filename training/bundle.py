@@ -25,8 +25,6 @@ MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DA
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
-    # The bundled gan was trained as 28 epochs, then resumed to 50 (`--resume --epochs 50`: the learning rate
-    # rose again and decayed over epochs 29-50); this recipe trains the 50 epochs in one schedule.
     Recipe("gan", "gan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
     # One critic step per generator step: the generator's steps are what wgan lacked (9,370 in the previous
     # 50-epoch recipe with 5 critic steps; 37,480 here at four fifths of its compute).
