@@ -38,7 +38,8 @@ COPY training /tmp/src/training
 # pyproject.toml's dependencies: ONNX Runtime's GPU build on Linux x86-64
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install /tmp/src && rm -rf /tmp/src
 COPY exported /app/exported
-# DIGITGEN_WORKERS unset: one worker per CPU on CUDA too, their ONNX Runtime arenas sharing 6 GB of the GPU
+# DIGITGEN_WORKERS unset: one worker per CPU on CUDA too, handing their batches to one inference process that
+# holds the GPU sessions (DIGITGEN_GPU_SESSIONS=shared; its ONNX Runtime arena capped at 6 GB)
 ENV PATH=/opt/venv/bin:$PATH DIGITGEN_MODELS_DIR=/app/exported DIGITGEN_HOST=0.0.0.0 DIGITGEN_PORT=8000 \
     DIGITGEN_PROVIDERS=cuda
 USER 10001

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service import workers
+from service import gpu_process, workers
 from service.app import create_app
 from service.auth import KeyFileError, load_keys, new_key
 from service.config import Settings
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"error: --grpc-port (DIGITGEN_GRPC_PORT) {settings.grpc_port}: {err.strerror or err}")
     with shared_metrics(settings.workers):
         try:
-            return workers.run(partial(create_app, settings), options, settings.workers)
+            with gpu_process.serving(settings) as settings:
+                return workers.run(partial(create_app, settings), options, settings.workers)
+        except gpu_process.GpuProcessError as err:
+            return _error(f"error: DIGITGEN_GPU_SESSIONS=shared: {err}; see its log above, or try "
+                          f"DIGITGEN_GPU_SESSIONS=per-worker")
         except OSError as err:
             return _error(f"error: --host {settings.host} --port {args.port}: {err.strerror or err}")
 

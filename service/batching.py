@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent requests for one model share one ONNX Runtime call.
 
-Each model has a queue and one thread that takes what is queued (up to `max_batch` images, waiting at
+Each model has a queue and a thread (or a few: `threads`) that takes what is queued (up to `max_batch` images, waiting at
 most `max_wait` for more once the first job is in), runs the model once on the stacked inputs and
 hands each job its own rows. The models are exported in eval mode, so a row depends only on its own
 inputs: a request's output is the same whatever it was batched with (tested).
@@ -69,7 +69,7 @@ class Batcher:
     """One model's queue and the thread that serves it."""
 
     def __init__(self, model: LoadedModel, max_batch: int, max_wait_s: float, max_queued: int,
-                 finisher: Executor, metrics: Metrics, watch: Watch | None = None):
+                 finisher: Executor, metrics: Metrics, watch: Watch | None = None, threads: int = 1):
         self.model, self.max_batch, self.max_wait_s, self.max_queued = model, max_batch, max_wait_s, max_queued
         self._finisher = finisher  # encodes a batch's responses while the next batch runs
         self._watch = watch  # sees every batch's output, for the live quality figure; must return at once
@@ -80,8 +80,12 @@ class Batcher:
         self._inference = metrics.inference.labels(model.name)
         self._batch = metrics.batch.labels(model.name)
         self._queued = metrics.queued.labels(model.name)
-        self._thread = threading.Thread(target=self._serve, name=f"batch-{model.name}", daemon=True)
-        self._thread.start()
+        # More than one thread: batches in flight at once, for a model whose runs mostly wait on another
+        # process (the GPU inference process), so the wait for one hides behind the next.
+        self._threads = [threading.Thread(target=self._serve, name=f"batch-{model.name}", daemon=True)
+                         for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any],
                raw: bool = False, timeout_s: float | None = None) -> asyncio.Future:
@@ -103,12 +107,17 @@ class Batcher:
             job.timer = loop.call_later(timeout_s, _expire, future, self.model.name, timeout_s)
         return future
 
+    @property
+    def running(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
     def close(self) -> None:
         """Stop after the jobs already queued."""
         with self._wake:
             self._closed = True
-            self._wake.notify()
-        self._thread.join()
+            self._wake.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _take(self) -> list[Job] | None:
         """The next batch: the jobs queued now, in order, up to max_batch images, waiting until max_wait

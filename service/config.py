@@ -49,9 +49,18 @@ class Settings(BaseSettings):
                                                          "(service/providers.py: plan)")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads per inference. Default: "
                                                                  "the available CPUs shared out among the workers")
-    gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each worker's ONNX Runtime CUDA arena. "
-                                                                  "Default: 6144 MB shared out among the workers "
+    gpu_sessions: Literal["shared", "per-worker"] = Field(
+        "shared", description="on CUDA with several workers: shared: one inference process holds the GPU sessions "
+                              "and the workers hand it their batches (service/gpu_process.py); per-worker: each "
+                              "worker opens its own")
+    gpu_batches_in_flight: int = Field(4, ge=1, le=64, description="with shared GPU sessions: batches each model of "
+                                                                  "a worker may have in the inference process at once")
+    gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each ONNX Runtime CUDA arena (the inference "
+                                                                  "process's, or each worker's). Default: 6144 MB, "
+                                                                  "per-worker: shared out among the workers "
                                                                   "(at least 256 each)")
+    gpu_process: Path | None = Field(None, description="set by `python -m service`, not by hand: the socket of the "
+                                                       "inference process the workers hand their batches to")
     encode_threads: int = Field(2, ge=1, description="threads that encode responses (PNG, GIF, JSON) off the event loop")
     batch_max_size: int = Field(64, ge=1, description="most images per ONNX Runtime call when requests are "
                                                        "batched; a single larger request runs alone")

@@ -71,7 +71,8 @@ GPU_MEMORY_EVERY_S = 15.0
 
 async def watch(state, metrics, every_s: float = GPU_MEMORY_EVERY_S) -> None:
     """While the worker runs: each model's device in /metrics, and, when any runs on CUDA, the GPU memory
-    this worker holds (state.gpu_memory_bytes too, for /models), read off the event loop."""
+    this worker holds and that of the inference process its models use (service/gpu_process.py), read off
+    the event loop; state.gpu_memory_bytes, for /models, is their sum."""
     import asyncio
     import os
     loop = asyncio.get_running_loop()
@@ -80,7 +81,12 @@ async def watch(state, metrics, every_s: float = GPU_MEMORY_EVERY_S) -> None:
         for model in models:
             metrics.device.labels(model.name, model.provider, str(model.cpu_up_to)).set(1)
         if any(model.cpu_session is not None for model in models):
-            state.gpu_memory_bytes = await loop.run_in_executor(None, gpu_memory_bytes, os.getpid())
-            if state.gpu_memory_bytes is not None:
-                metrics.gpu_memory.set(state.gpu_memory_bytes)
+            own = await loop.run_in_executor(None, gpu_memory_bytes, os.getpid())
+            servers = {pid for model in models if (pid := getattr(model.session, "server_pid", None))}
+            shared = [await loop.run_in_executor(None, gpu_memory_bytes, pid) for pid in servers]
+            if own is not None:
+                metrics.gpu_memory.set(own)
+            if shared and None not in shared:
+                metrics.gpu_process_memory.set(sum(shared))
+            state.gpu_memory_bytes = None if own is None else own + sum(m for m in shared if m is not None)
         await asyncio.sleep(every_s)

@@ -43,9 +43,13 @@ class Metrics:
         self.live_scored = Gauge("digitgen_live_scored_samples", "served samples behind digitgen_live_confidence, "
                                  "all workers", ["model"], registry=self.registry, multiprocess_mode="livesum")
 
-        self.gpu_memory = Gauge("digitgen_gpu_memory_bytes", "GPU memory the workers hold (nvidia-smi), "
-                                "updated every GPU_MEMORY_EVERY_S while a model runs on CUDA",
+        self.gpu_memory = Gauge("digitgen_gpu_memory_bytes", "GPU memory the workers hold themselves "
+                                "(nvidia-smi), updated every GPU_MEMORY_EVERY_S while a model runs on CUDA",
                                 registry=self.registry, multiprocess_mode="livesum")
+        self.gpu_process_memory = Gauge("digitgen_gpu_process_memory_bytes", "GPU memory the inference process "
+                                        "holds for every worker (DIGITGEN_GPU_SESSIONS=shared); the service's "
+                                        "total is this plus digitgen_gpu_memory_bytes",
+                                        registry=self.registry, multiprocess_mode="livemax")
         self.device = Gauge("digitgen_model_device", "1 for the provider each model runs on; batches of at most "
                             "cpu_up_to images run on the CPU instead", ["model", "provider", "cpu_up_to"],
                             registry=self.registry, multiprocess_mode="livemax")

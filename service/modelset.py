@@ -16,12 +16,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-import onnxruntime as ort
 
 from service.batching import Batcher
 from service.config import Settings
 from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest
-from service.providers import choose_providers, nvidia_driver_present
+from service.providers import session_providers
 from service.quality import GateResult, Judges, open_judges, screen
 from service.registry import LoadedModel, ModelFileError, open_model
 
@@ -96,16 +95,11 @@ def _make(manifest: Manifest, models: dict[str, LoadedModel], batchers: dict[str
                     MappingProxyType(gated or {}))
 
 
-def _providers(settings: Settings, quiet: bool = False) -> list:
-    return choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(), quiet,
-                            settings.gpu_mem_limit_mb)
-
-
 def open_set(settings: Settings, make_batcher: MakeBatcher) -> ModelSet:
     """Start-up's set: every model of the manifest that opens and passes its checks, not yet warmed. A
     manifest that cannot be read raises ManifestError (nothing to serve: start-up stops)."""
     manifest = load_manifest(settings.models_dir)
-    providers = _providers(settings)
+    providers = session_providers(settings)
     models, failures = {}, {}
     for entry in manifest.models:
         try:
@@ -133,7 +127,7 @@ def warmed_set(current: ModelSet, sizes: tuple[int, ...], settings: Settings) ->
     """The set with its judges opened, every model warmed and gated, and those that failed left out; and
     the batchers of those left out, for the caller to close. Blocking: call it off the event loop."""
     models, batchers, failures = dict(current.models), dict(current.batchers), dict(current.failures)
-    judges = open_judges(current.manifest, Path(settings.models_dir), _providers(settings, quiet=True), settings)
+    judges = open_judges(current.manifest, Path(settings.models_dir), session_providers(settings, quiet=True), settings)
     retired, gated = [], {}
     for name, model in current.models.items():
         reason, gated[name] = warm(model, sizes, judges, settings)
@@ -158,7 +152,7 @@ def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], mak
         raise ReloadError("manifest", str(err)) from None
     if not manifest.models:
         raise ReloadError("manifest", "it lists no models")
-    providers = _providers(settings, quiet=True)
+    providers = session_providers(settings, quiet=True)
     judges = open_judges(manifest, Path(settings.models_dir), providers, settings, current.judges)
     models, fresh, gated = {}, {}, {}
     for entry in manifest.models:

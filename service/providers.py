@@ -48,6 +48,15 @@ def choose_providers(setting: str, available: list[str], driver: bool, quiet: bo
     return [CPU]
 
 
+def session_providers(settings: Settings, quiet: bool = False) -> list:
+    """The providers of the sessions this process opens: the CPU alone in a worker whose GPU sessions are
+    the inference process's (settings.gpu_process), else choose_providers' list with the planned arena cap."""
+    if settings.gpu_process is not None:
+        return [CPU]
+    return choose_providers(settings.providers, ort.get_available_providers(), nvidia_driver_present(), quiet,
+                            settings.gpu_mem_limit_mb)
+
+
 def cuda_chosen(setting: str) -> bool:
     """Will the models run on CUDA with this providers setting (given ONNX Runtime and the driver here)?"""
     first = choose_providers(setting, ort.get_available_providers(), nvidia_driver_present(), quiet=True)[0]
@@ -59,11 +68,18 @@ def plan(settings: Settings) -> Settings:
     decided. Workers x threads = the CPUs, on CUDA too: one process per core beats one process with more
     threads (the event loop, the HTTP work and the encoding saturate before the model: make bench-serve),
     and on a GPU machine one worker left the GPU idle while it did all the HTTP and PNG work (a fifth of
-    the CPU mode's images/s on an H200, against 4x with 16 workers). The workers' arenas share
-    GPU_MEMORY_BUDGET_MB."""
+    the CPU mode's images/s on an H200, against 4x with 16 workers). The arenas share GPU_MEMORY_BUDGET_MB:
+    the inference process has it all when the GPU sessions are shared, else the workers share it out."""
     workers = settings.workers or available_cpus()
     threads = settings.intra_op_threads or max(1, available_cpus() // workers)
     arena = settings.gpu_mem_limit_mb
     if arena is None and cuda_chosen(settings.providers):
-        arena = max(MIN_ARENA_MB, GPU_MEMORY_BUDGET_MB // workers)
+        arena = GPU_MEMORY_BUDGET_MB if settings.gpu_sessions == "shared" and workers > 1 else \
+            max(MIN_ARENA_MB, GPU_MEMORY_BUDGET_MB // workers)
     return settings.model_copy(update={"workers": workers, "intra_op_threads": threads, "gpu_mem_limit_mb": arena})
+
+
+def shares_gpu(settings: Settings) -> bool:
+    """Does this (planned) service run its models in one inference process (service/gpu_process.py)?
+    Only on CUDA, and only with several workers: one worker holds one set of sessions anyway."""
+    return settings.gpu_sessions == "shared" and (settings.workers or 1) > 1 and cuda_chosen(settings.providers)

@@ -114,11 +114,26 @@ def open_session(path: Path, sha256: str, providers: list, settings: Settings) -
 
 
 def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: Settings) -> LoadedModel:
-    """The entry's session, after its checks; ModelFileError (never another error) when any fails."""
+    """The entry's session, after its checks; ModelFileError (never another error) when any fails. With an
+    inference process (settings.gpu_process), the session opened here is the CPU one for small batches
+    and the main one is the process's (service/gpu_process.py)."""
     path = models_dir / entry.file
     session = open_session(path, entry.sha256, providers, settings)
     _check_interface(session, entry)
+    if settings.gpu_process is not None:
+        return _with_gpu_process(entry, path, session, settings.gpu_process)
     provider = session.get_providers()[0]
     log.info("model %s loaded from %s on %s", entry.name, path, provider)
     cpu = open_session(path, entry.sha256, [CPU], settings) if provider != CPU else None
     return LoadedModel(entry, session, provider, cpu)
+
+
+def _with_gpu_process(entry: ModelEntry, path: Path, cpu: ort.InferenceSession, address: Path) -> LoadedModel:
+    from service.gpu_process import GpuProcessError, RemoteSession
+    try:
+        remote = RemoteSession(address, path.resolve(), entry.sha256, int(np.prod(entry.image_shape)))
+    except GpuProcessError as err:
+        raise ModelFileError(str(err)) from None
+    log.info("model %s loaded from %s on %s in the inference process %d", entry.name, path, remote.provider,
+             remote.server_pid)
+    return LoadedModel(entry, remote, remote.provider, cpu)

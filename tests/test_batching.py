@@ -303,3 +303,23 @@ def test_a_model_failure_is_a_500_with_the_reason_and_a_stuck_request_a_504(tmp_
     assert v2_failed.status_code == 500 and "illegal memory access" in v2_failed.json()["error"]
     assert "illegal memory access" in caplog.text  # logged where it happened
     assert stuck.status_code == 504 and "DIGITGEN_REQUEST_TIMEOUT_S" in stuck.json()["detail"]
+
+
+def test_with_several_threads_a_model_has_several_batches_in_flight(executor):
+    """For a model whose runs wait on another process (the GPU inference process): while one batch is held
+    there, the next one runs."""
+    model = FakeModel(threading.Event())
+    batcher = Batcher(model, 64, 0.0, 64, executor, Metrics(), threads=2)
+
+    async def scenario():
+        held = batcher.submit(1, job_inputs(0.25), len)
+        await asyncio.to_thread(model.started.wait, 5)
+        model.started.clear()
+        second = batcher.submit(2, job_inputs(0.75, 2), len)
+        await asyncio.to_thread(model.started.wait, 5)  # the second thread took it while the first is held
+        assert model.calls == [1, 2]
+        model.gate.set()
+        return await asyncio.gather(held, second)
+    assert asyncio.run(scenario()) == [1, 2]
+    batcher.close()
+    assert not batcher.running

@@ -67,7 +67,7 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     new = app.state.models
     assert new is not old and old.models.keys() == {"gan", "cgan"}  # a new set, the old one untouched
     assert new.batchers["cgan"] is cgan_batcher and new.models["cgan"].session is cgan_session
-    assert new.batchers["gan"] is not gan_batcher and gan_batcher._closed and not gan_batcher._thread.is_alive()
+    assert new.batchers["gan"] is not gan_batcher and gan_batcher._closed and not gan_batcher.running
     assert client.get("/readyz").json()["left_out"] == {}
     assert 'digitgen_reloads_total{result="ok"} 1.0' in client.get("/metrics").text
 
@@ -177,7 +177,7 @@ def test_a_model_that_fails_warm_up_is_left_out_and_its_batcher_closed(tmp_path,
         client.portal.call(app.state.reloader.warm_up)
         warmed = app.state.models
         assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.batchers) == ["cgan"]
-        assert gan_batcher._closed and not gan_batcher._thread.is_alive()
+        assert gan_batcher._closed and not gan_batcher.running
         ready = client.get("/readyz")
         assert ready.status_code == 200
         assert "warm-up failed: no kernel for this node" in ready.json()["left_out"]["gan"]

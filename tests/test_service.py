@@ -414,8 +414,9 @@ def test_the_plan_shares_the_cpus_out_among_the_workers(monkeypatch):
     assert plan(Settings(providers="cpu")).gpu_mem_limit_mb is None  # no arena without CUDA
     monkeypatch.setattr(providers, "cuda_chosen", lambda setting: True)
     assert planned() == (8, 1)  # on CUDA too: the HTTP and encoding work needs every core
-    assert plan(Settings()).gpu_mem_limit_mb == 768  # the 6 GB budget shared out among 8 workers
-    assert plan(Settings(workers=64)).gpu_mem_limit_mb == 256  # never below the floor
+    assert plan(Settings()).gpu_mem_limit_mb == 6144  # one inference process holds the GPU sessions
+    assert plan(Settings(gpu_sessions="per-worker")).gpu_mem_limit_mb == 768  # the 6 GB shared out among 8
+    assert plan(Settings(workers=64, gpu_sessions="per-worker")).gpu_mem_limit_mb == 256  # never below the floor
     assert plan(Settings(gpu_mem_limit_mb=1000)).gpu_mem_limit_mb == 1000
 
 

@@ -17,7 +17,7 @@ def describe(models: ModelSet, model: LoadedModel) -> dict:
     e = model.entry
     return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
             "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
-            "cpu_up_to_batch": model.cpu_up_to,
+            "cpu_up_to_batch": model.cpu_up_to, "gpu_process": hasattr(model.session, "server_pid"),
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
 
@@ -37,7 +37,7 @@ def router(metrics: Metrics) -> APIRouter:
     async def models(request: Request):
         current = deps.model_set(request)
         return {"models": [describe(current, m) for m in current.models.values()],
-                "gpu_memory_bytes": request.app.state.gpu_memory_bytes}  # this worker's, on CUDA
+                "gpu_memory_bytes": request.app.state.gpu_memory_bytes}  # on CUDA: this worker's + its GPU process's
 
     @routes.get("/models/{name}", summary="One model",
                 responses={404: {"description": "unknown model; the message lists the available ones"}})
