@@ -112,27 +112,32 @@ class Batcher:
         return any(thread.is_alive() for thread in self._threads)
 
     def close(self) -> None:
-        """Stop after the jobs already queued."""
+        """Stop after the jobs already queued, then let go of the model (no set serves it any more)."""
         with self._wake:
             self._closed = True
             self._wake.notify_all()
         for thread in self._threads:
             thread.join()
+        if hasattr(self.model, "close"):
+            self.model.close()
 
     def _take(self) -> list[Job] | None:
         """The next batch: the jobs queued now, in order, up to max_batch images, waiting until max_wait
         after the oldest arrived for the batch to fill. One job larger than max_batch runs alone."""
         with self._wake:
-            while not self._jobs:
-                if self._closed:
-                    return None
-                self._wake.wait()
-            deadline = self._jobs[0].enqueued + self.max_wait_s
-            while not self._closed and sum(j.size for j in self._jobs) < self.max_batch:
-                left = deadline - time.perf_counter()
-                if left <= 0:
+            while True:  # with several threads, another may take every job while this one waits to fill
+                while not self._jobs:
+                    if self._closed:
+                        return None
+                    self._wake.wait()
+                deadline = self._jobs[0].enqueued + self.max_wait_s
+                while self._jobs and not self._closed and sum(j.size for j in self._jobs) < self.max_batch:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                if self._jobs:
                     break
-                self._wake.wait(left)
             batch = [self._jobs.popleft()]
             images = batch[0].size
             while self._jobs and images + self._jobs[0].size <= self.max_batch:

@@ -7,24 +7,29 @@ CPU sessions for small batches (service/devices.py), as Triton and LitServe sepa
 instances.
 
 A worker's model (a RemoteSession) talks to the process over a Unix socket in a private folder, a
-connection per model and batch thread. The tensors travel through a memfd that both map: the worker
-writes z and y into it, sends three integers, and the process writes the images beside them. The
-descriptor itself crosses the socket (SCM_RIGHTS), so no file names the buffer and nothing is left behind
-when either side dies. In the process, a Runner per model runs whatever batches arrived while it was busy
-as one call.
+connection per model and thread that runs it. The tensors travel through a memfd that both map: the
+worker writes z and y into it, sends three integers, and the process writes the images beside them. The
+descriptor itself crosses the socket (SCM_RIGHTS), so no file names the buffer. In the process, a Runner
+per model runs whatever batches arrived while it was busy as one call.
 
 The supervisor's side is `serving(settings)`: it starts the process before the workers and starts another
-when it dies; a RemoteSession reconnects, maps its buffer and opens its model again on its next batch.
+when it dies; the process dies with the supervisor. While the process is gone, restarting or silent
+(DIGITGEN_REQUEST_TIMEOUT_S), a worker runs its batches on its own CPU sessions (service/registry.py);
+a RemoteSession connects anew, maps its buffer and opens its model again on its next batch.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -47,58 +52,79 @@ class GpuProcessError(Exception):
     """The inference process could not start, open a model or run a batch; the message says why."""
 
 
+class GpuProcessUnreachable(GpuProcessError):
+    """The inference process is gone, not yet back, or did not answer in time: the worker runs the batch on
+    its own CPU session instead (service/registry.py)."""
+
+
 class RemoteSession:
     """A model run by the inference process, with the part of ONNX Runtime's session API the service uses
     (`run`, `get_providers`). Each thread that runs it has its own connection and buffer, so a worker can
     have several batches of a model in flight (service/batching.py)."""
 
-    def __init__(self, address: Path, path: Path, sha256: str, image_values: int):
-        self.address, self.path, self.sha256, self.image_values = address, path, sha256, image_values
+    def __init__(self, address: Path, path: Path, sha256: str, image_values: int, timeout_s: float):
+        self.address, self.path, self.sha256 = address, path, sha256
+        self.image_values, self.timeout_s = image_values, timeout_s
         self._local = threading.local()
-        self._links: list[Link] = []  # every thread's, closed with the session
-        self.provider, self.server_pid = self._link().opened
+        self._links: list[Link] = []  # the threads' links, closed with the session
+        opening = Link(address, path, sha256, image_values, timeout_s)  # checks the process can open the file
+        self.provider, self.server_pid = opening.opened
+        opening.close()
         weakref.finalize(self, _close_all, self._links)
 
     def get_providers(self) -> list[str]:
         return [self.provider]
 
     def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """[images] for feeds {"z": [N, latent], "y": [N, classes]}; GpuProcessError when the process fails
-        the batch or cannot be reached twice in a row."""
-        try:
-            return [self._link().run(feeds)]
-        except (EOFError, OSError):  # the process died (the supervisor starts another): once more
-            log.warning("model file %s: the GPU process went away; reconnecting", self.path.name)
-        self._local.link.close()
-        self._local.link = None
-        try:
-            return [self._link().run(feeds)]
-        except (EOFError, OSError) as err:
-            raise GpuProcessError(f"the GPU inference process is unreachable: {err or type(err).__name__}") from None
-
-    def _link(self) -> Link:
-        """This thread's connection, made (and the model opened there) on its first batch."""
+        """[images] for feeds {"z": [N, latent], "y": [N, classes]}. GpuProcessError when the process fails
+        the batch; GpuProcessUnreachable when it is gone or silent. A batch the process was running when it
+        died is not sent again (it may be what killed it); the thread's next batch connects anew."""
         link = getattr(self._local, "link", None)
-        if link is None:
-            link = self._local.link = Link(self.address, self.path, self.sha256, self.image_values)
-            self._links.append(link)
-            self.server_pid = link.opened[1]
-        return link
+        try:
+            if link is None:
+                link = self._local.link = Link(self.address, self.path, self.sha256, self.image_values, self.timeout_s)
+                self._links.append(link)
+                self.server_pid = link.opened[1]
+            return [link.run(feeds)]
+        except GpuProcessUnreachable:
+            self._drop(link)
+            raise
+        except (EOFError, OSError) as err:  # it died (the supervisor starts another)
+            self._drop(link)
+            raise GpuProcessUnreachable(f"the GPU inference process went away: {err or type(err).__name__}") from None
+
+    def close(self) -> None:
+        """Close every thread's link: the process drops the model's session once no worker uses it."""
+        _close_all(self._links)
+
+    def _drop(self, link: Link | None) -> None:
+        self._local.link = None
+        if link is not None:
+            link.close()
+            if link in self._links:
+                self._links.remove(link)
 
 
 class Link:
     """One connection to the inference process with its shared buffer; used by one thread at a time."""
 
-    def __init__(self, address: Path, path: Path, sha256: str, image_values: int):
-        self.image_values = image_values
+    def __init__(self, address: Path, path: Path, sha256: str, image_values: int, timeout_s: float):
+        self.image_values, self.timeout_s = image_values, timeout_s
+        self.conn: Connection | None = None
         self.buffer: np.ndarray | None = None
         try:
-            self.conn: Connection | None = Client(str(address), family="AF_UNIX")
+            self.conn = Client(str(address), family="AF_UNIX")
+            self._wait_at_most(START_TIMEOUT_S)  # opening a file on CUDA takes seconds
             self.conn.send(("open", str(path), sha256))
-            answer = self.conn.recv()
+            answer = self._answer(START_TIMEOUT_S)
+            self._wait_at_most(timeout_s)
+        except GpuProcessUnreachable:
+            self.close()
+            raise
         except (EOFError, OSError) as err:
-            raise GpuProcessError(f"the GPU inference process at {address} is unreachable: "
-                                  f"{err or type(err).__name__}") from None
+            self.close()
+            raise GpuProcessUnreachable(f"the GPU inference process at {address} is unreachable: "
+                                        f"{err or type(err).__name__}") from None
         if answer[0] != "ok":
             self.close()
             raise GpuProcessError(answer[1])
@@ -112,14 +138,30 @@ class Link:
         if y is not None:
             np.copyto(self.buffer[n * z_width:n * (z_width + y_width)].reshape(n, y_width), y, casting="same_kind")
         self.conn.send(("run", n, z_width, y_width))
-        answer = self.conn.recv()
+        answer = self._answer(self.timeout_s)
         if answer[0] != "ok":
             raise GpuProcessError(answer[1])
         start = n * (z_width + y_width)
         return self.buffer[start:start + int(np.prod(answer[1]))].reshape(answer[1]).copy()
 
+    def _wait_at_most(self, seconds: float) -> None:
+        """A receive timeout on the socket itself (SO_RCVTIMEO): no extra call per batch, as a poll before
+        each receive would be (each one a chance to lose the GIL to a busy event loop)."""
+        with socket.socket(fileno=os.dup(self.conn.fileno())) as view:  # the same socket, another descriptor
+            view.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                            struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+
+    def _answer(self, timeout_s: float) -> tuple:
+        """The process's answer; GpuProcessUnreachable when none comes in time (the link must then be
+        dropped: a late answer would be taken for the next one's)."""
+        try:
+            return self.conn.recv()
+        except BlockingIOError:  # the receive timeout
+            raise GpuProcessUnreachable(f"the GPU inference process did not answer within {timeout_s:g} s") from None
+
     def _fit(self, values: int) -> None:
-        """A shared buffer of at least `values` floats (a new, doubled memfd when it is too small)."""
+        """A shared buffer of at least `values` floats: when it is too small, a new memfd of the next power of
+        two bytes (at least 64 KiB), handed to the process."""
         if self.buffer is not None and self.buffer.size >= values:
             return
         size = max(1 << 16, 1 << (values * FLOAT32 - 1).bit_length())
@@ -131,7 +173,7 @@ class Link:
             send_handle(self.conn, fd, os.getpid())  # the pid is not used on Linux
         finally:
             os.close(fd)
-        if self.conn.recv()[0] != "ok":
+        if self._answer(self.timeout_s)[0] != "ok":
             raise GpuProcessError("the GPU process could not map the batch buffer")
         self.buffer = np.frombuffer(memory, np.float32)
 
@@ -142,8 +184,9 @@ class Link:
 
 
 def _close_all(links: list[Link]) -> None:
-    for link in links:
+    for link in list(links):
         link.close()
+    links.clear()
 
 
 class Runner:
@@ -212,7 +255,12 @@ class InferenceServer:
 
     def serve(self, listener: Listener) -> None:
         while True:
-            conn = listener.accept()
+            try:
+                conn = listener.accept()
+            except OSError as err:  # out of descriptors, say: the workers retry; the process must not exit
+                log.error("accepting a connection failed: %s", err)
+                time.sleep(0.1)
+                continue
             threading.Thread(target=self.handle, args=(conn,), daemon=True, name="gpu-conn").start()
 
     def handle(self, conn: Connection) -> None:
@@ -220,10 +268,10 @@ class InferenceServer:
         try:
             _, path, sha256 = conn.recv()  # ("open", path, sha256)
             runner, answer = self.acquire(path, sha256)
+            key = sha256 if runner is not None else None  # released below even if the worker is gone already
             conn.send(answer)
             if runner is None:
                 return
-            key = sha256
             while True:
                 message = conn.recv()
                 if message[0] == "map":
@@ -290,6 +338,8 @@ def main(settings, address: str, ready) -> None:
     from service.providers import session_providers
     from service.registry import open_session
 
+    _die_with_parent()
+    _raise_open_files_limit()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the supervisor stops us
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -301,6 +351,27 @@ def main(settings, address: str, ready) -> None:
              else providers[0][0])
     ready.set()
     server.serve(listener)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the supervisor's thread that started it ends (the supervisor killed,
+    say): nobody else would stop it, and it holds GPU memory (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.warning("cannot ask to die with the supervisor: a killed supervisor leaves this process running")
+
+
+def _raise_open_files_limit() -> None:
+    """A socket per model, worker and batch thread: 16 workers x 5 models x 5 links is 400; on a larger
+    machine that passes a container's usual soft limit of 1,024, so take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as err:
+            log.warning("open files limit stays at %d: %s", soft, err)
 
 
 class Keeper:
@@ -323,7 +394,7 @@ class Keeper:
         process.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.wait(0.1):
-            if not process.is_alive() or time.monotonic() > deadline:
+            if not process.is_alive() or time.monotonic() > deadline or self.stopping.is_set():
                 process.kill()
                 process.join()
                 raise GpuProcessError(f"the GPU inference process did not start (status {process.exitcode})")
@@ -339,6 +410,8 @@ class Keeper:
             try:
                 self.process = self.start()
             except GpuProcessError as err:
+                if self.stopping.is_set():
+                    return
                 log.error("%s; retrying in %.0f s", err, RESTART_DELAY_S)
                 self.stopping.wait(RESTART_DELAY_S)
 
@@ -360,9 +433,15 @@ def serving(settings):
     if not shares_gpu(settings):
         yield settings
         return
-    folder = Path(tempfile.mkdtemp(prefix="digitgen-gpu-"))  # 0700: only this user reaches the socket
     try:
-        keeper = Keeper(settings, folder / "inference.sock")
+        folder = Path(tempfile.mkdtemp(prefix="digitgen-gpu-"))  # 0700: only this user reaches the socket
+    except OSError as err:
+        raise GpuProcessError(f"no folder for its socket: {err}") from None
+    try:
+        try:
+            keeper = Keeper(settings, folder / "inference.sock")
+        except OSError as err:
+            raise GpuProcessError(f"it could not be started: {err}") from None
         try:
             yield settings.model_copy(update={"gpu_process": folder / "inference.sock"})
         finally:

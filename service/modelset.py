@@ -155,19 +155,24 @@ def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], mak
     providers = session_providers(settings, quiet=True)
     judges = open_judges(manifest, Path(settings.models_dir), providers, settings, current.judges)
     models, fresh, gated = {}, {}, {}
-    for entry in manifest.models:
-        kept = current.models.get(entry.name)
-        if kept is not None and kept.entry == entry:
-            models[entry.name], gated[entry.name] = kept, current.gated.get(entry.name)
-            continue
-        try:
-            model = open_model(entry, Path(settings.models_dir), providers, settings)
-        except ModelFileError as err:
-            raise ReloadError(entry.name, str(err)) from None
-        reason, gated[entry.name] = warm(model, sizes, judges, settings)
-        if reason:
-            raise ReloadError(entry.name, reason)
-        models[entry.name] = fresh[entry.name] = model
+    try:
+        for entry in manifest.models:
+            kept = current.models.get(entry.name)
+            if kept is not None and kept.entry == entry:
+                models[entry.name], gated[entry.name] = kept, current.gated.get(entry.name)
+                continue
+            try:
+                model = fresh[entry.name] = open_model(entry, Path(settings.models_dir), providers, settings)
+            except ModelFileError as err:
+                raise ReloadError(entry.name, str(err)) from None
+            reason, gated[entry.name] = warm(model, sizes, judges, settings)
+            if reason:
+                raise ReloadError(entry.name, reason)
+            models[entry.name] = model
+    except ReloadError:
+        for model in fresh.values():  # what they hold in the GPU inference process goes now, not at GC
+            model.close()
+        raise
     batchers = {name: current.batchers[name] if name not in fresh else make_batcher(model)
                 for name, model in models.items()}
     retired = [b for name, b in current.batchers.items() if batchers.get(name) is not b]

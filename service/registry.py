@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from service import devices
 from service.config import Settings
+from service.gpu_process import GpuProcessUnreachable
 from service.manifest import ModelEntry, sha256_of
 from service.providers import CPU
 
@@ -34,14 +35,33 @@ class LoadedModel:
     provider: str
     cpu_session: ort.InferenceSession | None = None  # on CUDA: the same file on the CPU, for small batches
     cpu_up_to: int = 0  # batches of at most this many images run on cpu_session (measured at warm-up)
+    on_cpu_meanwhile: bool = False  # the GPU inference process is unreachable: every batch on cpu_session
 
     @property
     def name(self) -> str:
         return self.entry.name
 
     def run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        """images [N, 1, 28, 28] in [0, 1] for z [N, latent] (and y [N, classes]); blocking: call it off the loop."""
-        return _run(self.cpu_session if len(z) <= self.cpu_up_to else self.session, z, y)
+        """images [N, 1, 28, 28] in [0, 1] for z [N, latent] (and y [N, classes]); blocking: call it off the loop.
+        While the GPU inference process is unreachable (gone, restarting, silent), batches run on the CPU."""
+        if len(z) <= self.cpu_up_to:
+            return _run(self.cpu_session, z, y)
+        try:
+            output = _run(self.session, z, y)
+        except GpuProcessUnreachable as err:
+            if not self.on_cpu_meanwhile:
+                log.warning("model %s: %s; its batches run on the CPU until it is back", self.name, err)
+            self.on_cpu_meanwhile = True
+            return _run(self.cpu_session, z, y)
+        if self.on_cpu_meanwhile:
+            log.info("model %s: the GPU inference process is back", self.name)
+            self.on_cpu_meanwhile = False
+        return output
+
+    def close(self) -> None:
+        """Let go of what is held outside this process: the inference process's session of this file."""
+        if hasattr(self.session, "close"):
+            self.session.close()
 
     def warm(self, batch_sizes: tuple[int, ...]) -> None:
         """Run every batch size we will serve once, so no request pays for first-run allocation; a file that
@@ -121,17 +141,18 @@ def open_model(entry: ModelEntry, models_dir: Path, providers: list, settings: S
     session = open_session(path, entry.sha256, providers, settings)
     _check_interface(session, entry)
     if settings.gpu_process is not None:
-        return _with_gpu_process(entry, path, session, settings.gpu_process)
+        return _with_gpu_process(entry, path, session, settings.gpu_process, settings.request_timeout_s)
     provider = session.get_providers()[0]
     log.info("model %s loaded from %s on %s", entry.name, path, provider)
     cpu = open_session(path, entry.sha256, [CPU], settings) if provider != CPU else None
     return LoadedModel(entry, session, provider, cpu)
 
 
-def _with_gpu_process(entry: ModelEntry, path: Path, cpu: ort.InferenceSession, address: Path) -> LoadedModel:
+def _with_gpu_process(entry: ModelEntry, path: Path, cpu: ort.InferenceSession, address: Path,
+                      timeout_s: float) -> LoadedModel:
     from service.gpu_process import GpuProcessError, RemoteSession
     try:
-        remote = RemoteSession(address, path.resolve(), entry.sha256, int(np.prod(entry.image_shape)))
+        remote = RemoteSession(address, path.resolve(), entry.sha256, int(np.prod(entry.image_shape)), timeout_s)
     except GpuProcessError as err:
         raise ModelFileError(str(err)) from None
     log.info("model %s loaded from %s on %s in the inference process %d", entry.name, path, remote.provider,

@@ -80,7 +80,7 @@ class Reloader:
                 new, retired = await loop.run_in_executor(None, successor, old, self.settings, self.sizes,
                                                           self.make_batcher)
             except ReloadError as err:
-                self.failure = err
+                self.failure = err.with_traceback(None)  # its frames would keep the failed set's models alive
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed, the previous models keep serving: %s", err)
                 return False

@@ -323,3 +323,18 @@ def test_with_several_threads_a_model_has_several_batches_in_flight(executor):
     assert asyncio.run(scenario()) == [1, 2]
     batcher.close()
     assert not batcher.running
+
+
+def test_threads_waiting_for_a_batch_to_fill_never_find_it_taken_from_under_them(executor):
+    """Several threads and a fill wait: one thread may take every job while another waits for more; the
+    other goes back to waiting instead of dying on an empty queue."""
+    model = FakeModel()
+    batcher = Batcher(model, 64, 0.02, 64, executor, Metrics(), threads=4)
+
+    async def rounds():
+        for _ in range(15):
+            results = await asyncio.gather(*(batcher.submit(1, job_inputs(0.5), len) for _ in range(3)))
+            assert results == [1, 1, 1]
+    asyncio.run(rounds())
+    assert all(thread.is_alive() for thread in batcher._threads)
+    batcher.close()

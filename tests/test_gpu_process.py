@@ -69,19 +69,100 @@ def test_an_unreachable_process_leaves_the_model_out(tmp_path, models_dir):
         open_model(load_manifest(models_dir).model("gan"), models_dir, [CPU], settings)
 
 
-def test_after_the_process_dies_another_serves_and_the_worker_reconnects(process, models_dir):
+def test_while_the_process_is_down_batches_run_on_the_cpu_and_then_on_its_successor(process, models_dir):
     keeper, settings = process
     model = open_model(load_manifest(models_dir).model("cgan"), models_dir, [CPU], settings)
     z, y = _inputs(model, 5)
-    before = model.session.run(["image"], {"z": z, "y": y})[0]
+    before = model.run(z, y)
     dead = keeper.process.pid
     os.kill(dead, signal.SIGKILL)
+    keeper.process.join(10)
+    np.testing.assert_array_equal(model.run(z, y), before)  # the batch in flight is not sent again: the CPU runs it
+    assert model.on_cpu_meanwhile
     deadline = time.monotonic() + 60
     while keeper.process.pid == dead or not keeper.process.is_alive():
         assert time.monotonic() < deadline, "no new inference process"
         time.sleep(0.05)
-    np.testing.assert_array_equal(model.session.run(["image"], {"z": z, "y": y})[0], before)
+    while model.on_cpu_meanwhile:  # until the successor listens
+        assert time.monotonic() < deadline, "never back on the inference process"
+        np.testing.assert_array_equal(model.run(z, y), before)
+        time.sleep(0.05)
     assert model.session.server_pid == keeper.process.pid
+
+
+class Fake:
+    """A session for an inference server run in this process: images whose pixels are z's first value."""
+
+    def run(self, outputs, feeds):
+        return [np.repeat(feeds["z"][:, :1, None, None], 28, axis=2).repeat(28, axis=3)]
+
+    def get_providers(self):
+        return ["FakeExecutionProvider"]
+
+
+@pytest.fixture
+def in_process(tmp_path):
+    """An InferenceServer on a thread of this process, so a test can look inside it."""
+    from multiprocessing.connection import Listener
+    from service.gpu_process import InferenceServer
+    server = InferenceServer(lambda path, sha256: Fake())
+    listener = Listener(str(tmp_path / "s.sock"), family="AF_UNIX")
+    threading.Thread(target=server.serve, args=(listener,), daemon=True).start()
+    yield server, tmp_path / "s.sock"
+    listener.close()
+
+
+def test_closing_a_model_lets_the_process_drop_its_session(in_process):
+    from service.gpu_process import RemoteSession
+    server, address = in_process
+    session = RemoteSession(address, address, "sha-a", 784, timeout_s=5)
+    images = session.run(["image"], {"z": np.full((3, 4), 0.25, np.float32)})[0]
+    assert images.shape == (3, 1, 28, 28) and (images == 0.25).all()
+    assert server.users == {"sha-a": 1}
+    session.close()
+    deadline = time.monotonic() + 5
+    while server.users:
+        assert time.monotonic() < deadline, f"still held: {server.users}"
+        time.sleep(0.01)
+    assert server.runners == {}
+
+
+def test_a_worker_gone_before_the_open_is_answered_leaves_no_session_held():
+    from service.gpu_process import InferenceServer
+
+    class Gone:
+        def recv(self):
+            return "open", "/x/gan.onnx", "sha-b"
+
+        def send(self, message):
+            raise BrokenPipeError("the worker died")
+
+        def close(self):
+            pass
+    server = InferenceServer(lambda path, sha256: Fake())
+    server.handle(Gone())
+    assert server.users == {} and server.runners == {}
+
+
+def test_a_process_that_does_not_answer_in_time_is_unreachable(tmp_path):
+    from multiprocessing.connection import Listener
+    from service.gpu_process import GpuProcessUnreachable, RemoteSession
+    listener = Listener(str(tmp_path / "silent.sock"), family="AF_UNIX")
+    held = []
+
+    def silent():  # answers the open, then never a batch
+        while True:
+            conn = listener.accept()
+            held.append(conn)
+            conn.recv()
+            conn.send(("ok", "FakeExecutionProvider", 1))
+    threading.Thread(target=silent, daemon=True).start()
+    session = RemoteSession(tmp_path / "silent.sock", tmp_path / "x.onnx", "sha", 784, timeout_s=0.3)
+    started = time.monotonic()
+    with pytest.raises(GpuProcessUnreachable, match="did not answer within 0.3 s"):
+        session.run(["image"], {"z": np.zeros((1, 4), np.float32)})
+    assert time.monotonic() - started < 5
+    assert session._links == []  # the link is dropped: a late answer must not be taken for the next batch's
 
 
 def test_each_thread_has_its_own_connection_so_batches_can_be_in_flight_together(process, models_dir):
@@ -99,7 +180,7 @@ def test_each_thread_has_its_own_connection_so_batches_can_be_in_flight_together
         thread.start()
     for thread in threads:
         thread.join(30)
-    assert len(model.session._links) == 1 + 4  # the opening thread's, and one per thread that ran it
+    assert len(model.session._links) == 4  # one per thread that ran it (the opening one is closed)
     for i, (z, y) in enumerate(inputs):
         np.testing.assert_array_equal(got[i], model.cpu_session.run(["image"], {"z": z, "y": y})[0])
 
@@ -224,4 +305,4 @@ def _server_pid(settings) -> int:
     from service.gpu_process import RemoteSession
     models_dir = settings.models_dir
     entry = load_manifest(models_dir).model("gan")
-    return RemoteSession(settings.gpu_process, (models_dir / entry.file).resolve(), entry.sha256, 784).server_pid
+    return RemoteSession(settings.gpu_process, (models_dir / entry.file).resolve(), entry.sha256, 784, 5).server_pid
