@@ -438,10 +438,15 @@ def serving(settings):
     except OSError as err:
         raise GpuProcessError(f"no folder for its socket: {err}") from None
     try:
+        # A SIGHUP while CUDA starts would end the supervisor (its handler comes with the workers): nothing
+        # to reload yet, the workers read the manifest as it is when they start.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
             keeper = Keeper(settings, folder / "inference.sock")
         except OSError as err:
             raise GpuProcessError(f"it could not be started: {err}") from None
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         try:
             yield settings.model_copy(update={"gpu_process": folder / "inference.sock"})
         finally:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +309,25 @@ def _server_pid(settings) -> int:
     models_dir = settings.models_dir
     entry = load_manifest(models_dir).model("gan")
     return RemoteSession(settings.gpu_process, (models_dir / entry.file).resolve(), entry.sha256, 784, 5).server_pid
+
+
+def test_a_sighup_while_the_process_starts_does_not_end_the_service(tmp_path):
+    """SIGHUP's default action ends a process; the supervisor's handler comes only with the workers, after
+    the inference process is up (seconds on CUDA). Run in a child: a regression would end the test run."""
+    script = """
+import os, signal, sys
+from service import gpu_process, providers
+from service.config import Settings
+providers.cuda_chosen = lambda setting: True
+original = gpu_process.Keeper.start
+def start(self):
+    os.kill(os.getpid(), signal.SIGHUP)  # a reload asked for while the process starts
+    return original(self)
+gpu_process.Keeper.start = start
+with gpu_process.serving(providers.plan(Settings(providers="cpu", workers=2))) as settings:
+    assert settings.gpu_process.exists()
+print("served")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "served" in done.stdout, done.stderr[-2000:]
