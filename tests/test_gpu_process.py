@@ -77,9 +77,10 @@ def test_while_the_process_is_down_batches_run_on_the_cpu_and_then_on_its_succes
     model = open_model(load_manifest(models_dir).model("cgan"), models_dir, [CPU], settings)
     z, y = _inputs(model, 5)
     before = model.run(z, y)
-    dead = keeper.process.pid
+    killed = keeper.process
+    dead = killed.pid
     os.kill(dead, signal.SIGKILL)
-    keeper.process.join(10)
+    killed.join(10)
     np.testing.assert_array_equal(model.run(z, y), before)  # the batch in flight is not sent again: the CPU runs it
     assert model.on_cpu_meanwhile
     deadline = time.monotonic() + 60
