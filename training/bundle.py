@@ -24,7 +24,7 @@ class Recipe:
 MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DATA_DIR=... points at a copy
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
-    Recipe("cvae", "cvae", (*MNIST, "--epochs", "20", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
+    Recipe("cvae", "cvae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("gan", "gan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
     # One critic step per generator step: the generator's steps are what wgan lacked (9,370 in the previous
     # 50-epoch recipe with 5 critic steps; 37,480 here at four fifths of its compute).
