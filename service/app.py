@@ -89,7 +89,7 @@ def lifespan_of(settings: Settings, metrics: Metrics, keys: dict[str, str] | Non
         live = app.state.live = LiveQuality(metrics, lambda: app.state.models)  # the judge on what is served
 
         def make_batcher(model: LoadedModel) -> Batcher:
-            in_flight = settings.gpu_batches_in_flight if hasattr(model.session, "server_pid") else 1
+            in_flight = settings.gpu_batches_in_flight if model.gpu_process_pid else 1
             return Batcher(model, settings.batch_max_size, settings.batch_max_wait_ms / 1000, settings.max_queued,
                            encoder, metrics, live.offer, threads=in_flight)
         app.state.settings = settings

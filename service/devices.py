@@ -82,7 +82,7 @@ async def watch(state, metrics, every_s: float = GPU_MEMORY_EVERY_S) -> None:
             metrics.device.labels(model.name, model.provider, str(model.cpu_up_to)).set(1)
         if any(model.cpu_session is not None for model in models):
             own = await loop.run_in_executor(None, gpu_memory_bytes, os.getpid())
-            servers = {pid for model in models if (pid := getattr(model.session, "server_pid", None))}
+            servers = {model.gpu_process_pid for model in models} - {None}
             shared = [await loop.run_in_executor(None, gpu_memory_bytes, pid) for pid in servers]
             if own is not None:
                 metrics.gpu_memory.set(own)

@@ -41,6 +41,11 @@ class LoadedModel:
     def name(self) -> str:
         return self.entry.name
 
+    @property
+    def gpu_process_pid(self) -> int | None:
+        """The inference process that runs this model's large batches (service/gpu_process.py), if one does."""
+        return getattr(self.session, "server_pid", None)
+
     def run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         """images [N, 1, 28, 28] in [0, 1] for z [N, latent] (and y [N, classes]); blocking: call it off the loop.
         While the GPU inference process is unreachable (gone, restarting, silent), batches run on the CPU."""

@@ -17,7 +17,7 @@ def describe(models: ModelSet, model: LoadedModel) -> dict:
     e = model.entry
     return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
             "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
-            "cpu_up_to_batch": model.cpu_up_to, "gpu_process": hasattr(model.session, "server_pid"),
+            "cpu_up_to_batch": model.cpu_up_to, "gpu_process": model.gpu_process_pid is not None,
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
 
