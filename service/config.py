@@ -55,8 +55,8 @@ class Settings(BaseSettings):
                               "worker opens its own")
     gpu_batches_in_flight: int = Field(4, ge=1, le=64, description="with shared GPU sessions: batches each model of "
                                                                   "a worker may have in the inference process at once")
-    gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each ONNX Runtime CUDA arena (the inference "
-                                                                  "process's, or each worker's). Default: 6144 MB, "
+    gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each model session's ONNX Runtime CUDA arena "
+                                                                  "(in the inference process or each worker). Default: 6144 MB, "
                                                                   "per-worker: shared out among the workers "
                                                                   "(at least 256 each)")
     gpu_process: Path | None = Field(None, description="set by `python -m service`, not by hand: the socket of the "

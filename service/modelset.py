@@ -16,7 +16,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-
 from service.batching import Batcher
 from service.config import Settings
 from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest

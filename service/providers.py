@@ -19,10 +19,13 @@ log = logging.getLogger("digitgen.providers")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # cuDNN's EXHAUSTIVE search re-benchmarks every new batch size (hundreds of ms each); HEURISTIC does not.
-# The arena grows by what is asked for, not by doubling, up to gpu_mem_limit (per worker process).
+# Each session's arena grows by what is asked for, not by doubling, up to gpu_mem_limit.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
-GPU_MEMORY_BUDGET_MB = 6144  # ONNX Runtime arenas of all workers together, by default; each CUDA context adds
-MIN_ARENA_MB = 256  # about 0.5 GB outside it (GPU benchmark: tests/benchmarks/gpu_serve.py)
+# The arenas' budget: the inference process's, or shared out among per-worker sessions. The rest of a CUDA
+# process is not capped: on an H200, 16 per-worker processes held 32.6 GB (arenas capped at 384 MB each), the
+# one inference process 2.4-4.3 GB with every bundled model (tests/benchmarks/results/gpu_serve*.json).
+GPU_MEMORY_BUDGET_MB = 6144
+MIN_ARENA_MB = 256
 
 
 def nvidia_driver_present() -> bool:
