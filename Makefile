@@ -33,6 +33,8 @@ serve: $(BASE)
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
 test: $(TRAINED)
+	$(BIN)/ruff check service training tests
+	$(BIN)/mypy service training
 	$(BIN)/python -m pytest
 
 # Build the Dockerfile's images with podman and check the CPU image running (root, podman, debootstrap, the

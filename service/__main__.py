@@ -3,28 +3,34 @@
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 
-Flags override DIGITGEN_* environment variables; the settings reach the workers as a value.
+Flags override DIGITGEN_* environment variables; the settings and the plan reach the workers as values.
 """
 
-from __future__ import annotations
+import signal
 
-import argparse
-import logging
-import os
-import sys
-import tempfile
-from contextlib import contextmanager
-from functools import partial
-from pathlib import Path
+# SIGHUP (reload) held back from the first instruction: its default action would end the supervisor while it
+# imports; the supervisor's handler takes it once the workers are starting (service/workers.py).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
-from pydantic import ValidationError
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Mapping  # noqa: E402
 
-from service import gpu_process, workers
-from service.app import create_app
-from service.auth import KeyFileError, load_keys, new_key
-from service.config import Settings
-from service.manifest import ManifestError, load_manifest
-from service.providers import plan
+from pydantic import ValidationError  # noqa: E402
+
+from service import workers  # noqa: E402
+from service.app import create_app  # noqa: E402
+from service.auth import KeyFileError, load_keys, new_key  # noqa: E402
+from service.config import Settings  # noqa: E402
+from service.inference.keeper import InferenceProcessError, serving  # noqa: E402
+from service.manifest import ManifestError, load_manifest  # noqa: E402
+from service.plan import make_plan  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {flag: getattr(args, flag) for flag in ("host", "models_dir", "providers", "log_level", "workers",
                                                     "grpc_port") if getattr(args, flag) is not None}
     try:
-        settings = plan(Settings(**flags))
+        settings = Settings(**flags)
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
         if settings.api_keys_file:
             load_keys(settings.api_keys_file)
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = make_plan(settings)
     options = {"host": settings.host, "port": args.port, "log_level": settings.log_level,
                "access_log": settings.access_log}
     if settings.grpc_port:  # taken by another server? (the workers' own sockets share it, so ask first)
@@ -65,13 +72,13 @@ def main(argv: list[str] | None = None) -> int:
             workers.listening_socket(settings.host, settings.grpc_port, shared=False).close()
         except OSError as err:
             return _error(f"error: --grpc-port (DIGITGEN_GRPC_PORT) {settings.grpc_port}: {err.strerror or err}")
-    with shared_metrics(settings.workers):
+    with shared_metrics(plan.workers):
         try:
-            with gpu_process.serving(settings) as settings:
-                return workers.run(partial(create_app, settings), options, settings.workers)
-        except gpu_process.GpuProcessError as err:
-            return _error(f"error: DIGITGEN_GPU_SESSIONS=shared: {err}; see its log above, or try "
-                          f"DIGITGEN_GPU_SESSIONS=per-worker")
+            with serving(settings, plan) as plan:
+                return workers.run(partial(create_app, settings, plan), options, plan.workers)
+        except InferenceProcessError as err:
+            return _error(f"error: the inference process (DIGITGEN_INFERENCE_PROCESS={settings.inference_process}): "
+                          f"{err}; see its log above, or try DIGITGEN_INFERENCE_PROCESS=off")
         except OSError as err:
             return _error(f"error: --host {settings.host} --port {args.port}: {err.strerror or err}")
 
@@ -128,7 +135,7 @@ def triton_repository(argv: list[str]) -> int:
     return 0
 
 
-def _setting_error(problem: dict, flags: dict) -> str:
+def _setting_error(problem: Mapping[str, Any], flags: dict) -> str:
     """A refused setting, named as the user gave it: the flag when a flag gave it, else the variable."""
     field = "_".join(str(p) for p in problem["loc"])
     name = f"--{field.replace('_', '-')} (DIGITGEN_{field.upper()})" if field in flags else f"DIGITGEN_{field.upper()}"

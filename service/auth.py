@@ -90,8 +90,10 @@ class ApiKeys:
         self.app, self.keys, self.counter = app, keys, counter
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) \
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = errors.route_path(scope)
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) \
                 or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         presented = presented_key(dict(scope["headers"]))

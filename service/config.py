@@ -51,16 +51,23 @@ class Settings(BaseSettings):
                                                                  "the available CPUs shared out among the workers")
     gpu_sessions: Literal["shared", "per-worker"] = Field(
         "shared", description="on CUDA with several workers: shared: one inference process holds the GPU sessions "
-                              "and the workers hand it their batches (service/gpu_process.py); per-worker: each "
+                              "and the workers hand it their batches (service/inference/); per-worker: each "
                               "worker opens its own")
-    gpu_batches_in_flight: int = Field(4, ge=1, le=64, description="with shared GPU sessions: batches each model of "
-                                                                  "a worker may have in the inference process at once")
+    inference_process: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: the inference process runs when the GPU sessions are shared (CUDA, several "
+                            "workers, gpu_sessions=shared); on: always, on the planned provider (the CPU without a "
+                            "GPU: the same path, for tests and CI); off: never")
+    gpu_batches_in_flight: int = Field(4, ge=1, le=64, description="with the inference process: batches each model of "
+                                                                  "a worker may have in it at once")
+    gpu_deadline_min_ms: float = Field(500.0, gt=0, description="least time a batch gets in the inference process "
+                                                                "before the worker runs it on its own CPU session; "
+                                                                "otherwise 8x that batch size's measured time")
+    inference_deadline_s: float = Field(5.0, gt=0, description="the inference process must answer its heartbeat and "
+                                                              "finish every batch within this, or it is replaced")
     gpu_mem_limit_mb: int | None = Field(None, ge=64, description="cap of each model session's ONNX Runtime CUDA arena "
                                                                   "(in the inference process or each worker). Default: 6144 MB, "
                                                                   "per-worker: shared out among the workers "
                                                                   "(at least 256 each)")
-    gpu_process: Path | None = Field(None, description="set by `python -m service`, not by hand: the socket of the "
-                                                       "inference process the workers hand their batches to")
     encode_threads: int = Field(2, ge=1, description="threads that encode responses (PNG, GIF, JSON) off the event loop")
     batch_max_size: int = Field(64, ge=1, description="most images per ONNX Runtime call when requests are "
                                                        "batched; a single larger request runs alone")

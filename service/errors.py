@@ -28,5 +28,11 @@ def encoded(path: str, message: str) -> bytes:
     return json.dumps(body(path, message)).encode()
 
 
+def route_path(scope) -> str:
+    """The path the routes match: behind a proxy's prefix (root_path), what follows it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
 def error_response(request: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(body(request.url.path, err.message), status_code=err.status, headers=err.headers)
+    return JSONResponse(body(route_path(request.scope), err.message), status_code=err.status, headers=err.headers)

@@ -4,13 +4,15 @@ as it does the HTTP one), on the same event loop and the same model set.
 
 Everything is shared with HTTP: the batchers (one ONNX Runtime call serves both transports) and their
 queue bound, the request timeout, the API keys (metadata `authorization: Bearer KEY` or `x-api-key`),
-the metrics (`digitgen_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",status="OK"}`)
+the metrics (`digitgen_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",status="OK"}`, the
+real status code: INTERNAL for an unexpected failure, CANCELLED for a call the client gave up)
 and the validation with its messages (openinference.parse_infer): an HTTP 400 is INVALID_ARGUMENT with the
 same text. Output goes back as raw_output_contents, as Triton answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -18,12 +20,12 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from service import dispatch
 from service import openinference as wire
 from service.auth import key_name
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.protocol import SERVICE, messages, methods
-from service.routes import deps
 
 log = logging.getLogger("digitgen.grpc")
 
@@ -66,13 +68,15 @@ class Servicer:
 
         def finish(output):
             return wire.grpc_infer_response(output, model.name, request_id, messages)
-        return await deps.run(models, model, len(z), lambda: (z, y), finish, settings.request_timeout_s, raw=True)
+        left = context.time_remaining()  # the client's deadline, when it set one: the job expires with it
+        timeout = settings.request_timeout_s if left is None else max(0.0, min(settings.request_timeout_s, left))
+        return await dispatch.run(models, model, len(z), lambda: (z, y), finish, timeout, raw=True)
 
 
 def _model(models, name: str, version: str):
     if not name:
         raise ApiError(400, "a model name is required")
-    model = deps.model_for(models, name, "sample")
+    model = dispatch.model_for(models, name, "sample")
     if version not in ("", wire.VERSION):
         raise ApiError(404, f"model {name!r} has no version {version!r}; its only version is {wire.VERSION}")
     return model
@@ -94,6 +98,13 @@ def _handler(servicer: Servicer, name: str) -> grpc.RpcMethodHandler:
         except ApiError as err:
             code = _code(err)
             await context.abort(code, err.message)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: its job is dropped
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as err:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", endpoint)
+            await context.abort(code, f"internal error: {type(err).__name__}")
         finally:
             requests.labels(endpoint, code.name).inc()
             latency.observe(time.perf_counter() - started)
@@ -114,7 +125,7 @@ def _code(err: ApiError) -> grpc.StatusCode:
 def _authorize(metadata: dict[str, Any], servicer: Servicer) -> None:
     scheme, _, token = str(metadata.get("authorization", "")).partition(" ")
     presented = token.strip() if scheme.lower() == "bearer" else str(metadata.get("x-api-key", "")).strip()
-    name = key_name(presented, servicer.keys) if presented else None
+    name = key_name(presented, servicer.keys) if presented and servicer.keys is not None else None
     if name is None:
         why = "a valid API key is required" if not presented else "the API key is not valid"
         raise ApiError(401, f"{why}: send metadata `authorization: Bearer KEY` or `x-api-key: KEY`")

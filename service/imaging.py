@@ -10,7 +10,6 @@ import zlib
 import numpy as np
 from PIL import Image
 
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # zlib level 1: a 28x28 digit PNG is as small as Pillow's (about 360 bytes) and a 224x224 grid 10% larger,
 # at a third of level 6's time (make bench's encoding lines).

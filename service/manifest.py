@@ -110,7 +110,7 @@ class Defaults(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     models: list[ModelEntry] = Field(default_factory=list)
     defaults: Defaults = Field(default_factory=Defaults)
     judges: list[JudgeEntry] = Field(default_factory=list)

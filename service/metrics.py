@@ -53,6 +53,9 @@ class Metrics:
         self.device = Gauge("digitgen_model_device", "1 for the provider each model runs on; batches of at most "
                             "cpu_up_to images run on the CPU instead", ["model", "provider", "cpu_up_to"],
                             registry=self.registry, multiprocess_mode="livemax")
+        self.model_state = Gauge("digitgen_model_state", "workers whose model runs in each state (local, inference "
+                                 "process, local: connecting / reconnecting / quarantined) and why (cause)",
+                                 ["model", "state", "cause"], registry=self.registry, multiprocess_mode="livesum")
 
     def worker_exits(self) -> None:
         """Drop this worker's live gauge values from the shared files."""
@@ -66,3 +69,11 @@ class Metrics:
         every_worker = CollectorRegistry()
         multiprocess.MultiProcessCollector(every_worker)
         return generate_latest(every_worker)
+
+    def placement_changed(self, model, old, new) -> None:
+        """A model's placement as gauges (service/runtime/model.py reports each change; new None: closed)."""
+        for placement, value in ((old, 0), (new, 1)):
+            if placement is None:
+                continue
+            self.model_state.labels(model.name, placement.state.value, placement.cause).inc(1 if value else -1)
+            self.device.labels(model.name, placement.provider, str(placement.cpu_up_to)).set(value)

@@ -3,6 +3,7 @@ body limit that refuses an oversized request before anything reads it, and the h
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import HTTPException, Request
@@ -10,6 +11,8 @@ from fastapi.responses import JSONResponse
 
 from service import errors
 from service.metrics import Metrics
+
+log = logging.getLogger("digitgen.http")
 
 
 class RequestMetrics:
@@ -74,7 +77,7 @@ class BodyLimit:
 
 
 async def _answer(scope, send, err: errors.ApiError) -> None:
-    body = errors.encoded(scope.get("path", ""), err.message)
+    body = errors.encoded(errors.route_path(scope), err.message)
     await send({"type": "http.response.start", "status": err.status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         (b"connection", b"close")]})
@@ -95,10 +98,11 @@ class HotRoutes:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route, params = self.exact.get((scope["method"], scope["path"])), {}
+        path = errors.route_path(scope)
+        route, params = self.exact.get((scope["method"], path)), {}
         if route is None:
             for method, candidate in self.patterned:
-                found = method == scope["method"] and candidate.path_regex.match(scope["path"])
+                found = method == scope["method"] and candidate.path_regex.match(path)
                 if found:
                     route, params = candidate, found.groupdict()
                     break
@@ -112,4 +116,7 @@ class HotRoutes:
             response = errors.error_response(request, err)
         except HTTPException as err:
             response = JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+        except Exception as err:  # a bug, not a client's mistake: logged, and answered in the endpoint's shape
+            log.exception("%s %s failed", scope["method"], path)
+            response = errors.error_response(request, errors.ApiError(500, f"internal error: {type(err).__name__}"))
         await response(scope, receive, send)

@@ -1,10 +1,10 @@
 """The models being served, as one immutable value swapped whole.
 
-A ModelSet holds the manifest, the models that loaded, their batchers, the defaults, why any model
-was left out, and the judges with what the quality gate measured of each model (service/quality.py).
-Nothing edits a set: start-up opens one, warm-up and every reload build the next one and the app swaps
-it in with one assignment (service/reload.py, the only writer). A request reads the set
-once and takes its model and batcher from that same set, so it never sees half of a swap.
+A ModelSet holds the manifest, the models that loaded (each a ModelRuntime), their queues, the defaults,
+why any model was left out, and the judges with what the quality gate measured of each model
+(service/quality.py). Nothing edits a set: start-up opens one, warm-up and every reload build the next one
+and the app swaps it in with one assignment (service/reload.py, the only writer). A request reads the set
+once and takes its model and queue from that same set, so it never sees half of a swap.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Mapping
 
-from service.batching import Batcher
 from service.config import Settings
 from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest
-from service.providers import session_providers
-from service.quality import GateResult, Judges, open_judges, screen
-from service.registry import LoadedModel, ModelFileError, open_model
+from service.plan import Plan, make_plan
+from service.quality import NO_JUDGES, GateResult, Judges, open_judges, screen
+from service.runtime.model import ModelRuntime, OnChange, open_model
+from service.runtime.model_queue import ModelQueue
+from service.runtime.session import ModelFileError
 
 log = logging.getLogger("digitgen.models")
 
@@ -31,8 +32,6 @@ log = logging.getLogger("digitgen.models")
 JSON_BYTES_PER_VALUE = 48
 BODY_HEADROOM_BYTES = 64 * 1024
 
-MakeBatcher = Callable[[LoadedModel], Batcher]
-
 
 class ReloadError(Exception):
     """A reload that cannot complete: `what` is the model (or "manifest") that failed, `reason` why."""
@@ -40,6 +39,33 @@ class ReloadError(Exception):
     def __init__(self, what: str, reason: str):
         super().__init__(f"{what}: {reason}")
         self.what, self.reason = what, reason
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How this worker opens models, judges and queues: what building a set needs from the app."""
+    settings: Settings
+    plan: Plan
+    make_queue: Callable[[ModelRuntime], ModelQueue | None]  # None: a tool's set, never served
+    on_change: OnChange | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Loader:
+        """A loader with the plan of these settings and no queues (no requests), for tools and tests."""
+        return cls(settings, make_plan(settings, quiet=True), lambda model: None)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.settings.models_dir)
+
+    def open(self, entry: ModelEntry) -> ModelRuntime:
+        settings, plan = self.settings, self.plan
+        return open_model(entry, self.models_dir, plan.worker_providers, plan.intra_op_threads,
+                          plan.inference_socket is not None, settings.gpu_deadline_min_ms / 1000,
+                          settings.request_timeout_s / 2, self.on_change)
+
+    def judges(self, manifest: Manifest, kept: Judges = NO_JUDGES) -> Judges:
+        return open_judges(manifest, self.models_dir, self.plan.worker_providers, self.plan.intra_op_threads, kept)
 
 
 def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
@@ -54,8 +80,8 @@ def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
 @dataclass(frozen=True)
 class ModelSet:
     manifest: Manifest
-    models: Mapping[str, LoadedModel]
-    batchers: Mapping[str, Batcher]
+    models: Mapping[str, ModelRuntime]
+    queues: Mapping[str, ModelQueue]
     failures: Mapping[str, str] = field(default_factory=dict)  # model name -> why it is not in this set
     warmed: bool = False
     max_body_bytes: int = BODY_HEADROOM_BYTES
@@ -86,30 +112,31 @@ class ModelSet:
         return f"{why}; available: {', '.join(self.models) or 'none'}"
 
 
-def _make(manifest: Manifest, models: dict[str, LoadedModel], batchers: dict[str, Batcher],
-          failures: dict[str, str], warmed: bool, settings: Settings, judges: Judges = Judges(),
+def _make(manifest: Manifest, models: dict[str, ModelRuntime], queues: Mapping[str, ModelQueue | None],
+          failures: dict[str, str], warmed: bool, settings: Settings, judges: Judges = NO_JUDGES,
           gated: dict[str, GateResult | None] | None = None) -> ModelSet:
-    return ModelSet(manifest, MappingProxyType(models), MappingProxyType(batchers), MappingProxyType(failures),
+    served = {name: queue for name, queue in queues.items() if queue is not None}
+    return ModelSet(manifest, MappingProxyType(models), MappingProxyType(served), MappingProxyType(failures),
                     warmed, body_limit([m.entry for m in models.values()], settings), judges,
                     MappingProxyType(gated or {}))
 
 
-def open_set(settings: Settings, make_batcher: MakeBatcher) -> ModelSet:
+def open_set(loader: Loader) -> ModelSet:
     """Start-up's set: every model of the manifest that opens and passes its checks, not yet warmed. A
     manifest that cannot be read raises ManifestError (nothing to serve: start-up stops)."""
-    manifest = load_manifest(settings.models_dir)
-    providers = session_providers(settings)
+    manifest = load_manifest(loader.models_dir)
     models, failures = {}, {}
     for entry in manifest.models:
         try:
-            models[entry.name] = open_model(entry, Path(settings.models_dir), providers, settings)
+            models[entry.name] = loader.open(entry)
         except ModelFileError as err:
             failures[entry.name] = str(err)
             log.error("model %s left out: %s", entry.name, err)
-    return _make(manifest, models, {n: make_batcher(m) for n, m in models.items()}, failures, False, settings)
+    return _make(manifest, models, {n: loader.make_queue(m) for n, m in models.items()}, failures, False,
+                 loader.settings)
 
 
-def warm(model: LoadedModel, sizes: tuple[int, ...], judges: Judges, settings: Settings
+def warm(model: ModelRuntime, sizes: tuple[int, ...], judges: Judges, settings: Settings
          ) -> tuple[str | None, GateResult | None]:
     """Warm one model, then pass it through its quality gate: (the reason it failed, or None; what the
     gate measured, or None)."""
@@ -119,41 +146,42 @@ def warm(model: LoadedModel, sizes: tuple[int, ...], judges: Judges, settings: S
     except Exception as err:  # a file that loads but cannot run must not take the others down
         return f"warm-up failed: {err}", None
     log.info("model %s warmed in %.0f ms", model.name, 1000 * (time.perf_counter() - started))
-    return screen(model, judges, settings)
+    return screen(model, judges, settings.quality_gate)
 
 
-def warmed_set(current: ModelSet, sizes: tuple[int, ...], settings: Settings) -> tuple[ModelSet, list[Batcher]]:
+def warmed_set(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
     """The set with its judges opened, every model warmed and gated, and those that failed left out; and
-    the batchers of those left out, for the caller to close. Blocking: call it off the event loop."""
-    models, batchers, failures = dict(current.models), dict(current.batchers), dict(current.failures)
-    judges = open_judges(current.manifest, Path(settings.models_dir), session_providers(settings, quiet=True), settings)
+    the queues of those left out, for the caller to close. Blocking: call it off the event loop."""
+    models, queues, failures = dict(current.models), dict(current.queues), dict(current.failures)
+    judges = loader.judges(current.manifest)
     retired, gated = [], {}
     for name, model in current.models.items():
-        reason, gated[name] = warm(model, sizes, judges, settings)
+        reason, gated[name] = warm(model, sizes, judges, loader.settings)
         if reason:
             log.error("model %s left out: %s", name, reason)
             failures[name] = reason
             del models[name]
-            retired.append(batchers.pop(name))
-    return _make(current.manifest, models, batchers, failures, True, settings, judges, gated), retired
+            if name in queues:
+                retired.append(queues.pop(name))
+    return _make(current.manifest, models, queues, failures, True, loader.settings, judges, gated), retired
 
 
-def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], make_batcher: MakeBatcher
-              ) -> tuple[ModelSet, list[Batcher]]:
-    """The set the manifest describes now, for a reload, and the current batchers it no longer uses (the
+def successor(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
+    """The set the manifest describes now, for a reload, and the current queues it no longer uses (the
     caller closes them once swapped). Models whose entry is unchanged carry on with their sessions and
-    batchers; new or changed ones are opened, checked, warmed and gated here (judges likewise: kept when
+    queues; new or changed ones are opened, checked, warmed and gated here (judges likewise: kept when
     unchanged). A manifest, or any model of it, that fails raises ReloadError and nothing changes.
     Blocking: call it off the event loop."""
     try:
-        manifest = load_manifest(settings.models_dir)
+        manifest = load_manifest(loader.models_dir)
     except ManifestError as err:
         raise ReloadError("manifest", str(err)) from None
     if not manifest.models:
         raise ReloadError("manifest", "it lists no models")
-    providers = session_providers(settings, quiet=True)
-    judges = open_judges(manifest, Path(settings.models_dir), providers, settings, current.judges)
-    models, fresh, gated = {}, {}, {}
+    judges = loader.judges(manifest, current.judges)
+    models: dict[str, ModelRuntime] = {}
+    fresh: dict[str, ModelRuntime] = {}
+    gated: dict[str, GateResult | None] = {}
     try:
         for entry in manifest.models:
             kept = current.models.get(entry.name)
@@ -161,19 +189,18 @@ def successor(current: ModelSet, settings: Settings, sizes: tuple[int, ...], mak
                 models[entry.name], gated[entry.name] = kept, current.gated.get(entry.name)
                 continue
             try:
-                model = fresh[entry.name] = open_model(entry, Path(settings.models_dir), providers, settings)
+                model = fresh[entry.name] = loader.open(entry)
             except ModelFileError as err:
                 raise ReloadError(entry.name, str(err)) from None
-            reason, gated[entry.name] = warm(model, sizes, judges, settings)
+            reason, gated[entry.name] = warm(model, sizes, judges, loader.settings)
             if reason:
                 raise ReloadError(entry.name, reason)
             models[entry.name] = model
     except ReloadError:
-        for model in fresh.values():  # what they hold in the GPU inference process goes now, not at GC
+        for model in fresh.values():  # what they hold in the inference process goes now, not at GC
             model.close()
         raise
-    batchers = {name: current.batchers[name] if name not in fresh else make_batcher(model)
-                for name, model in models.items()}
-    retired = [b for name, b in current.batchers.items() if batchers.get(name) is not b]
-    return _make(manifest, models, batchers, {}, True, settings, judges, gated), retired
-
+    queues = {name: current.queues[name] if name not in fresh else loader.make_queue(model)
+              for name, model in models.items()}
+    retired = [q for name, q in current.queues.items() if queues.get(name) is not q]
+    return _make(manifest, models, queues, {}, True, loader.settings, judges, gated), retired

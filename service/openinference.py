@@ -106,7 +106,7 @@ class ServerMetadata(BaseModel):
     extensions: list[str]
 
 
-ERRORS = {status: {"model": ErrorBody, "description": text} for status, text in (
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody, "description": text} for status, text in (
     (400, "a malformed request or input: the message names the input and what is wrong"),
     (404, "no such model or version"),
     (413, "the body is larger than DIGITGEN_MAX_BODY_BYTES"),

@@ -1,5 +1,5 @@
-"""The judge travels with the models: the quality gate a model passes before it is served, and the judge's
-live figure of what each model serves.
+"""The judge travels with the models: the quality gate a model passes before it is served (the judge's
+live figure of what each model serves is service/live_quality.py).
 
 A judge is a calibrated classifier of one kind of data (the digits evaluator of training/evaluator.py,
 its temperature folded into the graph), listed in the manifest and opened like a model (sha256 checked,
@@ -12,36 +12,25 @@ is a proportion, so a figure p recorded over many samples, measured again over n
 than GATE_Z binomial standard errors sqrt(p (1 - p) / n) about once in 30,000 (plus 1 / n: one sample's
 worth, so a figure recorded as 0 or 1 is not refused for one sample). Lower than that, and the model is
 refused with the figure named.
-
-Live: a batcher hands a few rows of a batch's output to `LiveQuality.offer` (at most LIVE_ROWS rows
-every LIVE_INTERVAL_S per model, dropped when the scorer is behind); one thread per worker scores them
-and keeps each model's last LIVE_WINDOW scores, shown as a gauge in /metrics and in /models/{name}.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from service.config import Settings
 from service.manifest import JudgeEntry, Manifest, ModelEntry, QualityFigures
-from service.metrics import Metrics
-from service.registry import LoadedModel, ModelFileError, open_session
+from service.runtime.model import ModelRuntime
+from service.runtime.session import ModelFileError, open_onnx
 from service.sampling import latents, one_hot
-
-if TYPE_CHECKING:
-    from service.modelset import ModelSet
 
 log = logging.getLogger("digitgen.quality")
 
@@ -49,11 +38,6 @@ GATE_SAMPLES = 1000  # figures within 0.015 (sd) for about 0.5 s a model: tests/
 GATE_BATCH = 64  # images per model and judge call while gating: no larger than a served batch, so no arena grows
 GATE_Z = 4.0         # standard errors a figure may fall short by: a one-sided normal tail of 3e-5
 FIGURES = ("confidence", "min_class_share", "conditional_accuracy")
-
-LIVE_ROWS = 4            # rows of a batch handed to the scorer
-LIVE_INTERVAL_S = 0.25   # at most one hand-off per model this often: <= 16 rows/s per model and worker
-LIVE_QUEUE = 64          # hand-offs waiting for the scorer; more are dropped
-LIVE_WINDOW = 256        # the live figure covers each model's last this many scored samples
 
 
 @dataclass(frozen=True)
@@ -73,10 +57,13 @@ class Judges:
     failed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, settings: Settings) -> Judge:
+NO_JUDGES = Judges()
+
+
+def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, threads: int) -> Judge:
     """The judge's session after its checksum and interface; ModelFileError when either fails."""
     path = models_dir / entry.file
-    session = open_session(path, entry.sha256, providers, settings)
+    session = open_onnx(path, entry.sha256, providers, threads)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [(i.name, i.type, i.shape[1:]) for i in inputs] != [("image", "tensor(float)", list(entry.image_shape))]:
         raise ModelFileError(f"{path}: inputs are {[(i.name, i.type, i.shape) for i in inputs]}, "
@@ -88,8 +75,8 @@ def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, settings: S
     return Judge(entry, session)
 
 
-def open_judges(manifest: Manifest, models_dir: Path, providers: list, settings: Settings,
-                kept: Judges = Judges()) -> Judges:
+def open_judges(manifest: Manifest, models_dir: Path, providers: list, threads: int,
+                kept: Judges = NO_JUDGES) -> Judges:
     """Every judge of the manifest: those of `kept` whose entry is unchanged carry on, the rest are opened."""
     loaded, failed = {}, {}
     for entry in manifest.judges:
@@ -98,7 +85,7 @@ def open_judges(manifest: Manifest, models_dir: Path, providers: list, settings:
             loaded[entry.name] = old
             continue
         try:
-            loaded[entry.name] = open_judge(entry, models_dir, providers, settings)
+            loaded[entry.name] = open_judge(entry, models_dir, providers, threads)
         except ModelFileError as err:
             failed[entry.name] = str(err)
             log.error("judge %s not loaded: %s", entry.name, err)
@@ -151,7 +138,7 @@ class GateResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def gate(model: LoadedModel, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> GateResult:
+def gate(model: ModelRuntime, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> GateResult:
     """Draw the first `samples` of the recorded figures' inputs through the model and score them."""
     started = time.perf_counter()
     n = min(samples, recorded.samples)
@@ -165,10 +152,10 @@ def gate(model: LoadedModel, judge: Judge, recorded: QualityFigures, samples: in
     return GateResult(n, MappingProxyType(measured), MappingProxyType(lowest), time.perf_counter() - started)
 
 
-def screen(model: LoadedModel, judges: Judges, settings: Settings) -> tuple[str | None, GateResult | None]:
+def screen(model: ModelRuntime, judges: Judges, enabled: bool) -> tuple[str | None, GateResult | None]:
     """The gate for one warmed model: (why it may not be served, or None; what the gate measured)."""
     recorded = model.entry.quality
-    if not settings.quality_gate:
+    if not enabled:
         return None, None
     if recorded is None:
         log.warning("model %s: its manifest entry records no quality figures; served without the quality gate",
@@ -186,70 +173,3 @@ def screen(model: LoadedModel, judges: Judges, settings: Settings) -> tuple[str 
     log.info("model %s passed the quality gate in %.0f ms (%d samples): %s", model.name, 1000 * result.seconds,
              result.samples, ", ".join(f"{k} {v:.4f}" for k, v in result.measured.items()))
     return None, result
-
-
-# --- live ----------------------------------------------------------------------------------------
-
-class LiveQuality:
-    """The judge's confidence over what each model served lately, scored off the request path."""
-
-    def __init__(self, metrics: Metrics, current: Callable[[], ModelSet]):
-        self._current = current  # the set being served: its judges, and whether a model still is in it
-        self._confidence, self._scored = metrics.live_confidence, metrics.live_scored
-        self._rows: queue.Queue = queue.Queue(LIVE_QUEUE)
-        self._due: dict[str, float] = {}
-        self._windows: dict[str, tuple[str, deque]] = {}  # model -> (its file's sha256, last scores)
-        self.live: dict[str, dict] = {}  # model -> {"sha256", "confidence", "samples"}, each replaced whole
-        self._thread = threading.Thread(target=self._score, name="live-quality", daemon=True)
-        self._thread.start()
-
-    def offer(self, model: LoadedModel, output: np.ndarray) -> None:
-        """From a batch thread once the model ran: hand a few rows of its output [N, 1, 28, 28] to the scorer,
-        at most every LIVE_INTERVAL_S per model; dropped when the scorer is behind."""
-        now = time.monotonic()
-        if now < self._due.get(model.name, 0.0):
-            return
-        self._due[model.name] = now + LIVE_INTERVAL_S
-        try:
-            self._rows.put_nowait((model, output[:LIVE_ROWS].copy()))
-        except queue.Full:
-            pass
-
-    def snapshot(self, model: LoadedModel) -> dict | None:
-        """The live figure of this model's file, or None before any of its output was scored."""
-        live = self.live.get(model.name)
-        if live is None or live["sha256"] != model.entry.sha256:
-            return None
-        return {"confidence": live["confidence"], "samples": live["samples"], "window": LIVE_WINDOW}
-
-    def close(self) -> None:
-        self._rows.put(None)
-        self._thread.join()
-
-    def _judge_of(self, model: LoadedModel) -> Judge | None:
-        current = self._current()
-        if current.models.get(model.name) is not model:  # replaced or removed since: its rows are stale
-            return None
-        judge = current.manifest.judge_for(model.entry)
-        return current.judges.loaded.get(judge.name) if judge else None
-
-    def _score(self) -> None:
-        while (item := self._rows.get()) is not None:
-            model, rows = item
-            try:
-                judge = self._judge_of(model)
-                if judge is None:
-                    continue
-                confident = judge.probabilities(rows).max(1) > judge.entry.confident
-            except Exception as err:  # live scoring must never stop: log, and score the next rows
-                log.warning("model %s: live scoring failed: %s", model.name, err)
-                continue
-            sha, window = self._windows.get(model.name, (None, None))
-            if sha != model.entry.sha256:
-                window = deque(maxlen=LIVE_WINDOW)
-                self._windows[model.name] = (model.entry.sha256, window)
-            window.extend(confident.tolist())
-            value = sum(window) / len(window)
-            self.live[model.name] = {"sha256": model.entry.sha256, "confidence": value, "samples": len(window)}
-            self._confidence.labels(model.name).set(value)
-            self._scored.labels(model.name).set(len(window))

@@ -34,6 +34,9 @@ def _pattern(annotation) -> re.Pattern | None:
     return INTEGER if int in kinds else NUMBER if float in kinds else None
 
 
+_PATTERNS: dict[type, list[tuple[str, re.Pattern | None]]] = {}  # each query model's, worked out once
+
+
 class QueryModel(BaseModel):
     # Unknown parameters are ignored, as FastAPI does; values arrive as strings and are parsed.
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -64,9 +67,10 @@ class QueryModel(BaseModel):
     @classmethod
     def _written_as(cls) -> list[tuple[str, re.Pattern | None]]:
         """Each field and the pattern its raw value must match (None: any string), worked out once."""
-        if "_patterns" not in cls.__dict__:
-            cls._patterns = [(name, _pattern(field.annotation)) for name, field in cls.model_fields.items()]
-        return cls._patterns
+        found = _PATTERNS.get(cls)
+        if found is None:
+            found = _PATTERNS[cls] = [(name, _pattern(field.annotation)) for name, field in cls.model_fields.items()]
+        return found
 
 
 def query_models(settings: Settings) -> tuple[type[QueryModel], type[QueryModel], type[QueryModel]]:

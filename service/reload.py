@@ -4,8 +4,8 @@ build the next ModelSet off the event loop and swap it in with one assignment, o
 Hot reload without downtime: `kill -HUP <pid of python -m service>` (forwarded to every worker) makes
 each worker re-read the manifest. New and changed models are opened beside the old ones, checked (sha256,
 interface), warmed and passed through their quality gate (service/quality.py); unchanged models keep their
-sessions and batchers. Requests already queued for a
-replaced or removed model finish on the session they started with (its batcher drains, then stops). A
+sessions and queues. Requests already queued for a
+replaced or removed model finish on the session they started with (its queue drains, then stops). A
 manifest or model that fails leaves the old set serving: the reason is logged, shown in /readyz under
 `left_out`, and counted in digitgen_reloads_total{result="failed"}.
 
@@ -20,20 +20,19 @@ import logging
 import signal
 from typing import Callable
 
-from service.batching import Batcher
-from service.config import Settings
 from service.metrics import Metrics
-from service.modelset import MakeBatcher, ModelSet, ReloadError, successor, warmed_set
+from service.modelset import Loader, ModelSet, ReloadError, successor, warmed_set
+from service.runtime.model_queue import ModelQueue
 
 log = logging.getLogger("digitgen.reload")
 
 
 class Reloader:
-    def __init__(self, state, settings: Settings, metrics: Metrics, make_batcher: MakeBatcher):
-        self.state, self.settings, self.metrics, self.make_batcher = state, settings, metrics, make_batcher
+    def __init__(self, state, loader: Loader, metrics: Metrics):
+        self.state, self.loader, self.metrics = state, loader, metrics
         self.failure: ReloadError | None = None  # the last reload's, until one succeeds
         self.stopped = False
-        self.sizes = (1, settings.max_n)  # the batch sizes every model is warmed at
+        self.sizes = (1, loader.settings.max_n)  # the batch sizes every model is warmed at
         self._lock = asyncio.Lock()  # one writer at a time: signals arriving meanwhile queue behind it
 
     def listen(self) -> None:
@@ -56,8 +55,7 @@ class Reloader:
         `on_ready` (the worker's supervisor learns it started), when any model is left to serve."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            new, retired = await loop.run_in_executor(None, warmed_set, self.state.models, self.sizes,
-                                                      self.settings)
+            new, retired = await loop.run_in_executor(None, warmed_set, self.state.models, self.sizes, self.loader)
             self.state.models = new
         await self._retire(retired)
         log.info("ready: %d model(s): %s", len(new.models), ", ".join(new.models) or "none")
@@ -77,8 +75,7 @@ class Reloader:
             old: ModelSet = self.state.models
             loop = asyncio.get_running_loop()
             try:
-                new, retired = await loop.run_in_executor(None, successor, old, self.settings, self.sizes,
-                                                          self.make_batcher)
+                new, retired = await loop.run_in_executor(None, successor, old, self.sizes, self.loader)
             except ReloadError as err:
                 self.failure = err.with_traceback(None)  # its frames would keep the failed set's models alive
                 self.metrics.reloads.labels("failed").inc()
@@ -94,8 +91,9 @@ class Reloader:
         return True
 
     @staticmethod
-    async def _retire(batchers: list[Batcher]) -> None:
-        """Close batchers no set uses any more: their queued requests finish first."""
+    async def _retire(queues: list[ModelQueue]) -> None:
+        """Close the queues no set uses any more: their queued requests finish first (within the close's
+        timeout: a model stuck in a call cannot hold a reload or a shutdown)."""
         loop = asyncio.get_running_loop()
-        for batcher in batchers:
-            await loop.run_in_executor(None, batcher.close)
+        for queue in queues:
+            await loop.run_in_executor(None, queue.close)

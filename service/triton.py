@@ -59,9 +59,9 @@ def write_repository(models_dir: Path, out: Path, max_batch_size: int, gpu: bool
             raise RepositoryError(f"{source}: missing, or its sha256 differs from the manifest's")
         folder = out / entry.name
         (folder / "1").mkdir(parents=True, exist_ok=True)
-        for target, write in ((folder / "1" / "model.onnx", lambda tmp: shutil.copyfile(source, tmp)),
+        for target, write in ((folder / "1" / "model.onnx", lambda tmp, source=source: shutil.copyfile(source, tmp)),
                               (folder / "config.pbtxt",
-                               lambda tmp: tmp.write_text(config_pbtxt(entry, max_batch_size, gpu)))):
+                               lambda tmp, entry=entry: tmp.write_text(config_pbtxt(entry, max_batch_size, gpu)))):
             tmp = target.with_name(f".{target.name}.tmp")
             write(tmp)
             tmp.replace(target)  # atomic: Triton polling the folder never reads half a file

@@ -7,11 +7,14 @@ the other, 3,800 instead of 6,200 requests/s. With a socket per worker the kerne
 across them by hash.
 
 The supervisor tells a failed start from a death by readiness, not by age: a worker warms its models
-before it listens (so the kernel never hands a cold worker a connection) and then signals. One of the first workers that exits before that is a failed start (a bad setting or
+before it listens (so the kernel never hands a cold worker a connection) and then signals. One of the first
+workers that exits before that is a failed start (a bad setting or
 model folder: restarting would only loop), and the service stops; a worker that was ready and died is
-replaced at any age (a replacement that then fails to start is retried with a growing delay), and its
-live metrics are dropped from the shared files. SIGHUP (reload) is forwarded to every worker; it stays
-blocked in a worker from its first instruction until the app listens for it (service/reload.py).
+replaced, at once when it had served STABLE_S, else after a growing delay (a crash loop re-running warm-up
+and the gate back to back would starve the others), as is a replacement that fails to start; its live
+metrics are dropped from the shared files. SIGHUP (reload) is forwarded to every worker; it stays blocked
+in a worker from its first instruction until the app listens for it (service/reload.py). Workers die with
+the supervisor (service/orphans.py): a killed supervisor leaves nobody serving on its port.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ from typing import Any, Callable
 import uvicorn
 from prometheus_client import multiprocess
 
+from service.orphans import die_with_parent
+
 log = logging.getLogger("digitgen.workers")
 
-RETRY_DELAYS_S = (1, 2, 4, 8, 16, 30)  # before restarting a replacement that failed to start, then every 30 s
+RETRY_DELAYS_S = (1, 2, 4, 8, 16, 30)  # before restarting a worker that keeps failing, then every 30 s
+STABLE_S = 60.0  # a worker that served this long before it died is replaced at once
 AppFactory = Callable[..., Any]  # (on_ready=callable) -> ASGI app; picklable (it crosses to spawned workers)
 
 
@@ -78,11 +84,12 @@ def run(app_factory: AppFactory, options: dict, workers: int) -> int:
 
 @dataclass
 class Worker:
-    process: multiprocessing.Process | None  # None: waiting out a retry delay
+    process: Any  # a spawned multiprocessing Process; None: waiting out a retry delay
     ready: Any  # a multiprocessing Event, set once the worker's models are warmed
     first: bool  # one of the workers the service started with
-    failures: int = 0  # failed starts in a row in this slot
+    failures: int = 0  # failed starts or early deaths in a row in this slot
     retry_at: float = 0.0
+    started: float = 0.0  # time.monotonic()
 
 
 class Supervisor:
@@ -96,11 +103,11 @@ class Supervisor:
 
     def start(self, first: bool, failures: int = 0) -> Worker:
         ready = self.context.Event()
-        process = self.context.Process(target=_worker, args=(self.app_factory, self.options, ready),
+        process = self.context.Process(target=_worker, args=(self.app_factory, self.options, ready, os.getpid()),
                                        name="digitgen-worker")
         with reload_signal_blocked():  # the child inherits the mask: SIGHUP cannot kill it while it starts
             process.start()
-        return Worker(process, ready, first, failures)
+        return Worker(process, ready, first, failures, started=time.monotonic())
 
     def forward_reload(self, *_) -> None:
         """SIGHUP: each worker reloads its models (service/reload.py)."""
@@ -119,15 +126,18 @@ class Supervisor:
             return True
         pid, status = worker.process.pid, worker.process.exitcode
         _drop_metrics(pid)
-        if worker.ready.is_set():
-            log.warning("worker %s exited (status %s); starting another", pid, status)
+        lived = time.monotonic() - worker.started
+        if worker.ready.is_set() and lived >= STABLE_S:
+            log.warning("worker %s exited (status %s) after %.0f s; starting another", pid, status, lived)
             self.workers[i] = self.start(first=False)
             return True
-        if worker.first:
+        if not worker.ready.is_set() and worker.first:
             log.error("worker %s exited before it was ready (status %s); stopping", pid, status)
             return False
         delay = RETRY_DELAYS_S[min(worker.failures, len(RETRY_DELAYS_S) - 1)]
-        log.error("replacement worker %s exited before it was ready (status %s); retrying in %d s", pid, status, delay)
+        log.error("worker %s exited (status %s) %s %.1f s after it started; starting another in %d s "
+                  "(%d failure(s) in a row)", pid, status, "ready," if worker.ready.is_set() else "before it was ready,",
+                  lived, delay, worker.failures + 1)
         self.workers[i] = Worker(None, worker.ready, False, worker.failures + 1, time.monotonic() + delay)
         return True
 
@@ -136,6 +146,7 @@ class Supervisor:
             signal.signal(signum, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, self.forward_reload)
         self.workers = [self.start(first=True) for _ in range(count)]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back since python -m service began
         status = 0
         while not self.stop.wait(0.2):
             if not all([self.check(i) for i in range(len(self.workers))]):
@@ -169,8 +180,9 @@ def _drop_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def _worker(app_factory: AppFactory, options: dict, ready) -> None:
+def _worker(app_factory: AppFactory, options: dict, ready, parent: int) -> None:
     """One worker: SIGHUP is still blocked here (inherited), until the app's reloader listens for it."""
+    die_with_parent(parent)
     logging.basicConfig(level=options.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a spawned process starts bare
     sock = listening_socket(options["host"], options["port"])

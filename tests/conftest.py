@@ -60,6 +60,30 @@ def state_equal(a: dict, b: dict) -> bool:
     return a == b
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, what: str, seconds: float = 60, every: float = 0.02):
+    """condition()'s first truthy value; fails the test naming `what` when none comes within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {seconds:g} s"
+        time.sleep(every)
+
+
+def wait_ready(client, seconds: float = 60):
+    """A TestClient once its /readyz is 200 (its models warmed); fails the test otherwise."""
+    wait_until(lambda: client.get("/readyz").status_code == 200, "the service never became ready", seconds)
+    return client
+
+
 @dataclass
 class RunningService:
     url: str
@@ -70,23 +94,23 @@ class RunningService:
 def running_service(models_dir: Path, workers: int = 1, **settings: str):
     """`python -m service` on a free port over `models_dir`, DIGITGEN_<KEY> = each setting; yields its URL
     and process once every worker answers ready."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = os.environ | {"DIGITGEN_LOG_LEVEL": "warning"} | {f"DIGITGEN_{k.upper()}": v for k, v in settings.items()}
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", str(workers),
                                 "--models-dir", str(models_dir)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        ready, deadline = 0, time.monotonic() + 120
-        while ready < 4 * workers:  # with several workers: a run of answers (the kernel spreads connections)
+        answered = {"run": 0}
+
+        def every_worker_ready():  # a run of answers: the kernel spreads new connections over the workers
             assert process.poll() is None, f"the service exited with status {process.returncode}"
-            assert time.monotonic() < deadline, "the service never became ready"
             try:
-                ready = ready + 1 if urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200 else 0
+                ok = urllib.request.urlopen(f"{url}/readyz", timeout=1).status == 200
             except OSError:
-                ready = 0
-                time.sleep(0.05)
+                ok = False
+            answered["run"] = answered["run"] + 1 if ok else 0
+            return answered["run"] >= 4 * workers
+        wait_until(every_worker_ready, "the service never became ready", 120)
         yield RunningService(url, process)
     finally:
         process.terminate()

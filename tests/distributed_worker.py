@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import assert_alternation_holds, tiny_setup  # noqa: E402
+
 from training import distributed  # noqa: E402
 from training.data import DigitData, Split, load_dataset  # noqa: E402
 from training.loop import train  # noqa: E402

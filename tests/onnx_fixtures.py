@@ -59,3 +59,19 @@ def write_models_dir(folder: Path) -> Manifest:
                         defaults={"sample": "gan", "generate": "cgan", "interpolate": "cgan"})
     (folder / "manifest.json").write_text(manifest.to_json())
     return manifest
+
+
+def new_version(folder: Path, broken: bool = False) -> None:
+    """The next manifest: gan retrained (a new file), cgan unchanged, gan-b added. Files first, then the
+    manifest by rename, as an operator should (a reload never sees half a file). `broken`: gan's file is
+    missing."""
+    tiny_generator(folder / "gan-v2.onnx", 8, seed=5)
+    tiny_generator(folder / "gan-b.onnx", 8, seed=9)
+    gan = entry_for(folder / "gan-v2.onnx", "gan", 8, 0)
+    if broken:
+        gan = gan.model_copy(update={"file": "gan-v3.onnx"})
+    manifest = Manifest(models=[gan, entry_for(folder / "cgan.onnx", "cgan", 6, 10),
+                                entry_for(folder / "gan-b.onnx", "gan-b", 8, 0)],
+                        defaults={"sample": "gan", "generate": "cgan", "interpolate": "cgan"})
+    (folder / "manifest.json.tmp").write_text(manifest.to_json())
+    (folder / "manifest.json.tmp").replace(folder / "manifest.json")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
+from conftest import wait_ready
 from fastapi.testclient import TestClient
-
 from onnx_fixtures import write_models_dir
+
 from service.__main__ import main as service_cli
 from service.app import create_app
 from service.auth import KeyFileError, load_keys, new_key
@@ -28,11 +28,7 @@ def client(tmp_path_factory):
     settings = Settings(models_dir=folder / "exported", intra_op_threads=1, api_keys_file=keys,
                         cors_origins=["http://frontend.test"])
     with TestClient(create_app(settings)) as client:
-        for _ in range(400):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.01)
-        yield client
+        yield wait_ready(client)
 
 
 @pytest.mark.parametrize("method, path, body", [

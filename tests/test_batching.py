@@ -1,5 +1,6 @@
-"""Dynamic batching: requests share ONNX Runtime calls, each gets its own rows back unchanged, the queue
-is bounded, and /metrics shows the batches."""
+"""Dynamic batching (service/runtime/batcher.py through a model's queue, service/runtime/model_queue.py):
+requests share ONNX Runtime calls, each gets its own rows back unchanged, the queue is bounded, every job
+is answered whatever raises, and /metrics shows the batches."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-
 from onnx_fixtures import write_models_dir
+
 from service.app import create_app
-from service.batching import Batcher, InferenceFailed, QueueFull, RequestTimeout
 from service.config import Settings
 from service.metrics import Metrics
-from service.registry import LoadedModel
+from service.runtime.batcher import InferenceFailed, QueueFull, RequestTimeout
+from service.runtime.model import ModelRuntime
+from service.runtime.model_queue import ModelQueue
 
 BUNDLED = Path(__file__).resolve().parents[1] / "exported"
 
@@ -42,6 +44,9 @@ class FakeModel:
             raise RuntimeError("model exploded")
         return np.repeat(z[:, :1, None, None], 28, axis=2).repeat(28, axis=3)  # [N, 1, 28, 28]: row i from z[i]
 
+    def close(self):
+        pass
+
 
 def job_inputs(value: float, n: int = 1):
     return lambda: (np.full((n, 4), value, np.float32), None)
@@ -53,11 +58,12 @@ def executor():
         yield pool
 
 
-def make_batcher(model, executor, max_batch=64, max_wait_s=0.0, max_queued=64) -> Batcher:
-    return Batcher(model, max_batch, max_wait_s, max_queued, executor, Metrics())
+def make_batcher(model, executor, max_batch=64, max_wait_s=0.0, max_queued=64, threads=1, watch=None) -> ModelQueue:
+    return ModelQueue(model, max_batch=max_batch, max_wait_s=max_wait_s, max_queued=max_queued, threads=threads,
+                      encoder=executor, metrics=Metrics(), watch=watch)
 
 
-def while_busy(batcher: Batcher, model: FakeModel, sizes: list[int], finish=len, values=None, extra=None):
+def while_busy(batcher: ModelQueue, model: FakeModel, sizes: list[int], finish=len, values=None, extra=None):
     """Submit one job, and once the model is busy with it (held by its gate) the jobs of `sizes`; then
     open the gate and return every job's result (or exception), first job first. `extra()` runs while
     the jobs wait."""
@@ -217,13 +223,13 @@ def test_the_api_answers_503_with_retry_after_when_a_queue_is_full(tmp_path, mon
                                                                    endpoint, message):
     write_models_dir(tmp_path)
     entered, gate = threading.Event(), threading.Event()
-    original = LoadedModel.run
+    original = ModelRuntime.run
 
     def held(self, z, y):
         entered.set()
         gate.wait(10)
         return original(self, z, y)
-    monkeypatch.setattr(LoadedModel, "run", held)
+    monkeypatch.setattr(ModelRuntime, "run", held)
     app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, max_queued=2), warm=False)
 
     async def until(condition):
@@ -276,14 +282,14 @@ def test_metrics_show_batch_sizes_queue_wait_and_inference_time(tmp_path):
 
 def test_a_model_failure_is_a_500_with_the_reason_and_a_stuck_request_a_504(tmp_path, monkeypatch, caplog):
     write_models_dir(tmp_path)
-    original, gate = LoadedModel.run, threading.Event()
+    original, gate = ModelRuntime.run, threading.Event()
 
     def run(self, z, y):
         if self.name == "cgan":
             raise RuntimeError("CUDA error: an illegal memory access")
         gate.wait(10)  # gan: held until the test lets it go
         return original(self, z, y)
-    monkeypatch.setattr(LoadedModel, "run", run)
+    monkeypatch.setattr(ModelRuntime, "run", run)
     app = create_app(Settings(models_dir=tmp_path, workers=1, intra_op_threads=1, request_timeout_s=0.2), warm=False)
 
     async def scenario():
@@ -309,7 +315,7 @@ def test_with_several_threads_a_model_has_several_batches_in_flight(executor):
     """For a model whose runs wait on another process (the GPU inference process): while one batch is held
     there, the next one runs."""
     model = FakeModel(threading.Event())
-    batcher = Batcher(model, 64, 0.0, 64, executor, Metrics(), threads=2)
+    batcher = make_batcher(model, executor, threads=2)
 
     async def scenario():
         held = batcher.submit(1, job_inputs(0.25), len)
@@ -322,19 +328,78 @@ def test_with_several_threads_a_model_has_several_batches_in_flight(executor):
         return await asyncio.gather(held, second)
     assert asyncio.run(scenario()) == [1, 2]
     batcher.close()
-    assert not batcher.running
+    assert not batcher.alive
 
 
 def test_threads_waiting_for_a_batch_to_fill_never_find_it_taken_from_under_them(executor):
     """Several threads and a fill wait: one thread may take every job while another waits for more; the
     other goes back to waiting instead of dying on an empty queue."""
     model = FakeModel()
-    batcher = Batcher(model, 64, 0.02, 64, executor, Metrics(), threads=4)
+    batcher = make_batcher(model, executor, max_wait_s=0.02, threads=4)
 
     async def rounds():
         for _ in range(15):
             results = await asyncio.gather(*(batcher.submit(1, job_inputs(0.5), len) for _ in range(3)))
             assert results == [1, 1, 1]
     asyncio.run(rounds())
-    assert all(thread.is_alive() for thread in batcher._threads)
+    assert batcher.alive
     batcher.close()
+
+
+def test_a_watch_that_raises_fails_no_request_and_the_thread_goes_on(executor):
+    """The watch (the live quality figure) runs on the batch thread outside the model call: its failure is
+    logged, never a lost or failed request."""
+    def watch(model, output):
+        raise RuntimeError("watch exploded")
+    batcher = make_batcher(FakeModel(), executor, watch=watch)
+
+    async def scenario():
+        return [await batcher.submit(1, job_inputs(0.5), len) for _ in range(3)]
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == [1, 1, 1]
+    assert batcher.alive
+    batcher.close()
+
+
+def test_anything_raising_on_the_batch_thread_is_a_failed_request_never_a_lost_one(executor, monkeypatch):
+    """Drawing the inputs, a metric or the hand-off may raise outside the model call: each job is still
+    answered (InferenceFailed, a 500), at once rather than at its timeout, and the thread serves on."""
+    from service.runtime import batcher as batching
+    model = FakeModel()
+    queue = make_batcher(model, executor)
+    broken = {"observer": True}
+    original = batching.Batcher._see
+
+    def see(self, output):
+        if broken["observer"]:
+            raise KeyError("a metric exploded")
+        return original(self, output)
+    monkeypatch.setattr(batching.Batcher, "_see", see)
+
+    async def scenario():
+        failed = await asyncio.gather(queue.submit(1, job_inputs(0.5), len, timeout_s=20), return_exceptions=True)
+        inputs_fail = await asyncio.gather(queue.submit(1, lambda: 1 / 0, len, timeout_s=20), return_exceptions=True)
+        broken["observer"] = False
+        return failed + inputs_fail, await queue.submit(1, job_inputs(0.5), len)
+    failed, after = asyncio.run(asyncio.wait_for(scenario(), 10))  # never waits for the 20 s timeout
+    assert all(isinstance(r, InferenceFailed) for r in failed), failed
+    assert after == 1 and queue.alive
+    queue.close()
+
+
+def test_close_does_not_wait_forever_for_a_stuck_model(executor):
+    """A model call that never returns (a hung device) cannot hold a reload or a shutdown: close gives up
+    after its timeout and fails what is still queued."""
+    model = FakeModel(threading.Event())
+    queue = make_batcher(model, executor)
+
+    async def scenario():
+        stuck = queue.submit(1, job_inputs(0.5), len, timeout_s=30)
+        await asyncio.to_thread(model.started.wait, 5)
+        waiting = queue.submit(1, job_inputs(0.5), len, timeout_s=30)
+        await asyncio.to_thread(queue.batcher.close, 0.2)
+        outcome = await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 5)
+        model.gate.set()
+        await stuck
+        return outcome
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome[0], InferenceFailed) and "retired" in str(outcome[0])

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import running_service
 from onnx_fixtures import write_models_dir
+
 from service.auth import new_key
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

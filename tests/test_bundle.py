@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import imports_of, tiny_setup
+
 from training.__main__ import main as cli
 from training.augment import augment, cutout, translate
 from training.bundle import RECIPES, check_recipe
@@ -56,6 +56,7 @@ def test_a_run_may_resume_from_another_copy_of_the_data(tmp_path):
 
 def test_each_recipe_is_what_the_bundled_model_was_trained_with():
     from pathlib import Path
+
     from service.manifest import load_manifest
     manifest = load_manifest(Path(__file__).resolve().parents[1] / "exported")
     for recipe in RECIPES.values():

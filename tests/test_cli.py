@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 
 from training import data
 from training.__main__ import main
-
-from conftest import TINY
 
 
 def run_cli(capsys, *argv):

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import (DataError, IdxSource, ensure_idx_files, load_dataset, load_idx,
-                           load_idx_dataset, shuffled_batches)
+from training.data import DataError, IdxSource, ensure_idx_files, load_dataset, load_idx, load_idx_dataset, shuffled_batches
 
 
 def test_mnist_5k_is_a_stratified_4500_500_split(digits):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import state_equal, tiny_setup
 
 from training import distributed
 from training.data import shuffled_batches
@@ -19,8 +20,6 @@ from training.distributed import DistributedError, World
 from training.loop import load_run, train
 from training.models import MODELS
 from training.trainers import make_trainer
-
-from conftest import state_equal, tiny_setup
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 ROOT = Path(__file__).parent.parent

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import imports_of
+
 from training import evaluate
 from training.evaluate import Source, score_images
 from training.evaluator import EvaluationError
@@ -15,7 +15,8 @@ def test_real_digits_score_like_real_digits(judge, digits):
     real = score_images(judge, digits.train.images[-500:], digits.train.labels[-500:])
     assert abs(real["conditional_accuracy"] - judge.report["test_accuracy"]) < 0.06
     assert real["confidence_ratio"] == pytest.approx(1, abs=0.15)
-    assert real["fid_ratio"] < 2 and real["min_class_share"] > 0.05
+    # the quick judge (3 epochs) confuses some of one class: seen at 0.046-0.07, against 0.0 for a collapse
+    assert real["fid_ratio"] < 2 and real["min_class_share"] > 0.03
 
 
 def test_a_generator_that_always_draws_the_same_image_covers_one_class(judge, digits):

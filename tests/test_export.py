@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
 from conftest import tiny_setup
+
 from service.manifest import load_manifest, sha256_of
 from training import export
 from training.__main__ import main as cli

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import running_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import running_service
 from onnx_fixtures import write_models_dir
+
 from service.app import create_app
 from service.config import Settings
 from service.manifest import load_manifest

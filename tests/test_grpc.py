@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import free_port, running_service, wait_until
 from fastapi.testclient import TestClient
-
-from conftest import running_service
 from onnx_fixtures import write_models_dir
+
 from service.app import create_app
 from service.auth import new_key
 from service.config import Settings
@@ -24,12 +24,6 @@ from service.config import Settings
 tritongrpc = pytest.importorskip("tritonclient.grpc")  # the dev extra
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,14 +144,14 @@ def in_process(models_dir, warm=True, **settings):
 
 
 def test_a_full_queue_is_resource_exhausted(models_dir, monkeypatch):
-    from service.registry import LoadedModel
-    entered, gate, original = threading.Event(), threading.Event(), LoadedModel.run
+    from service.runtime.model import ModelRuntime
+    entered, gate, original = threading.Event(), threading.Event(), ModelRuntime.run
 
     def held(self, z, y):
         entered.set()
         gate.wait(10)
         return original(self, z, y)
-    monkeypatch.setattr(LoadedModel, "run", held)
+    monkeypatch.setattr(ModelRuntime, "run", held)
     app, address = in_process(models_dir, warm=False, max_queued=2)  # warm-up would run (and block in) `held`
     with TestClient(app) as http, grpc.insecure_channel(address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -208,3 +202,49 @@ def test_the_compiled_descriptor_is_the_proto_file():
     pytest.importorskip("grpc_tools")
     from service.protocol import descriptor, generate
     assert descriptor.DESCRIPTOR == generate.serialized_descriptor()
+
+
+def test_a_cancelled_call_is_counted_cancelled_and_its_job_never_runs(models_dir, monkeypatch):
+    """A client that gives up (its deadline) while its request waits behind a busy model: the call is
+    counted CANCELLED, and its job is dropped from the queue, not run for nobody."""
+    from service.runtime.model import ModelRuntime
+    entered, gate, original, ran = threading.Event(), threading.Event(), ModelRuntime.run, []
+
+    def held(self, z, y):
+        ran.append(len(z))
+        entered.set()
+        gate.wait(10)
+        return original(self, z, y)
+    monkeypatch.setattr(ModelRuntime, "run", held)
+    app, address = in_process(models_dir, warm=False)
+    with TestClient(app) as http, grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        first = service_pb2.ModelInferRequest(model_name="gan")
+        first.inputs.add(name="z", datatype="FP32", shape=[1, 8]).contents.fp32_contents.extend([0.0] * 8)
+        late = service_pb2.ModelInferRequest(model_name="gan")
+        late.inputs.add(name="z", datatype="FP32", shape=[3, 8]).contents.fp32_contents.extend([0.0] * 24)
+        held_call = stub.ModelInfer.future(first)
+        assert entered.wait(10)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(late, timeout=0.3)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: 'status="CANCELLED"' in http.get("/metrics").text or
+                   'status="DEADLINE_EXCEEDED"' in http.get("/metrics").text, "the call was never counted")
+        gate.set()
+        assert len(held_call.result(timeout=10).raw_output_contents) == 1
+        time.sleep(0.3)
+        assert ran == [1]  # the late call's 3 rows never ran
+        assert 'ModelInfer",status="OK"} 1.0' in http.get("/metrics").text
+
+
+def test_an_unexpected_failure_is_internal_not_ok(models_dir, monkeypatch):
+    from service import grpc_server
+    monkeypatch.setattr(grpc_server.wire, "grpc_header", lambda request: 1 / 0)
+    app, address = in_process(models_dir)
+    with TestClient(app) as http, grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="gan")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "ZeroDivisionError" in err.value.details()
+        assert 'ModelInfer",status="INTERNAL"} 1.0' in http.get("/metrics").text

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import tiny_setup
+
 from service import quality
 from service.config import Settings
 from service.manifest import load_manifest, sha256_of
-from service.modelset import open_set, warmed_set
+from service.modelset import Loader, open_set, warmed_set
 from training import judge_export
 from training.__main__ import main as cli
 from training.export import ExportError, export_run
@@ -54,7 +54,7 @@ def test_export_lists_the_judge_and_records_figures_the_gate_reproduces(tiny_cga
     assert entry.quality.judge_sha256 == manifest.judges[0].sha256 and entry.quality.samples == 400
     assert entry.quality.conditional_accuracy == entry.metrics["conditional_accuracy"]  # the same judge, in ONNX
     settings = Settings(models_dir=out, intra_op_threads=1)
-    warmed, _ = warmed_set(open_set(settings, lambda model: None), (1,), settings)
+    warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
     assert dict(warmed.failures) == {} and warmed.gated["tiny-cgan"].samples == 400
     again = quality.gate(warmed.models["tiny-cgan"], warmed.judges.loaded["digits"], entry.quality)
     assert dict(again.measured) == pytest.approx(entry.quality.model_dump(include=set(quality.FIGURES)), abs=1e-6)

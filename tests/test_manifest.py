@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from onnx_fixtures import write_models_dir
+
 from service.manifest import Manifest, ManifestError, load_manifest, parse_manifest
 
 

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
 from training.models import MODELS, ConfigError, model_config
 from training.models.gan import Discriminator, GANConfig, Generator
 from training.models.vae import ConvVAE, ConvVAEConfig
-
-from conftest import TINY
 
 
 @pytest.mark.parametrize("name", list(MODELS))

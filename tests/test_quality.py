@@ -16,17 +16,17 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+from conftest import running_service
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper, numpy_helper
-
-from conftest import running_service
 from onnx_fixtures import write_models_dir
-from service import quality
+
+from service import live_quality, quality
 from service.app import create_app
 from service.config import Settings
 from service.manifest import JudgeEntry, Manifest, ManifestError, load_manifest, parse_manifest, sha256_of
 from service.metrics import Metrics
-from service.modelset import open_set, warmed_set
+from service.modelset import Loader, open_set, warmed_set
 from service.sampling import latents, one_hot
 
 BUNDLED = Path(__file__).resolve().parents[1] / "exported"
@@ -108,8 +108,8 @@ def started(folder: Path, **settings):
 
 
 def test_recorded_figures_are_what_the_gate_measures_on_the_same_samples(gated_dir):
-    models = open_set(Settings(models_dir=gated_dir, intra_op_threads=1), lambda model: None)
-    warmed, _ = warmed_set(models, (1,), Settings(models_dir=gated_dir, intra_op_threads=1))
+    loader = Loader.of(Settings(models_dir=gated_dir, intra_op_threads=1))
+    warmed, _ = warmed_set(open_set(loader), (1,), loader)
     judge = warmed.judges.loaded["digits"]
     for name, model in warmed.models.items():
         recorded = model.entry.quality
@@ -175,22 +175,22 @@ def test_a_judge_that_fails_its_checksum_leaves_the_models_it_gates_out(gated_di
 
 
 def test_the_live_confidence_appears_in_metrics_and_in_the_model(gated_dir, monkeypatch):
-    monkeypatch.setattr(quality, "LIVE_INTERVAL_S", 0.0)  # hand every batch over, so a few requests fill it
+    monkeypatch.setattr(live_quality, "LIVE_INTERVAL_S", 0.0)  # hand every batch over, so a few requests fill it
     with started(gated_dir) as client:
         for seed in range(10):
             assert client.get("/generate", params={"digit": seed, "seed": seed, "n": 8}).status_code == 200
         for _ in range(500):
             described = client.get("/models/cgan").json()["quality"]
-            if described["live"] and described["live"]["samples"] == 10 * quality.LIVE_ROWS:
+            if described["live"] and described["live"]["samples"] == 10 * live_quality.LIVE_ROWS:
                 break
             time.sleep(0.01)
         text = client.get("/metrics").text
         models = client.app.state.models
-        served = np.concatenate([models.models["cgan"].run(latents(seed, 8, 6)[:quality.LIVE_ROWS],
-                                                           one_hot([seed] * quality.LIVE_ROWS, 10))
+        served = np.concatenate([models.models["cgan"].run(latents(seed, 8, 6)[:live_quality.LIVE_ROWS],
+                                                           one_hot([seed] * live_quality.LIVE_ROWS, 10))
                                  for seed in range(10)])  # the first rows of each response, as handed over
         expected = float((models.judges.loaded["digits"].probabilities(served).max(1) > 0.9).mean())
-    assert described["live"] == {"confidence": expected, "samples": 40, "window": quality.LIVE_WINDOW}
+    assert described["live"] == {"confidence": expected, "samples": 40, "window": live_quality.LIVE_WINDOW}
     assert f'digitgen_live_confidence{{model="cgan"}} {expected}' in text
     assert 'digitgen_live_scored_samples{model="cgan"} 40.0' in text
     assert described["recorded"]["samples"] == RECORDED_SAMPLES and described["recorded"]["judge"] == "digits"
@@ -214,21 +214,21 @@ def test_the_live_gauge_is_one_series_per_model_across_workers(gated_dir):
 
 
 def test_offers_are_dropped_when_the_scorer_is_behind_never_queued_without_bound(monkeypatch):
-    monkeypatch.setattr(quality, "LIVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(live_quality, "LIVE_INTERVAL_S", 0.0)
     release = threading.Event()
 
     def blocked_set():  # the scorer waits here on its first rows, as behind as it can be
         release.wait()
         return SimpleNamespace(models={})
-    live = quality.LiveQuality(Metrics(), blocked_set)
+    live = live_quality.LiveQuality(Metrics(), blocked_set)
     model, output = SimpleNamespace(name="m"), np.zeros((64, 1, 28, 28), np.float32)
     live.offer(model, output)
     while live._rows.qsize():  # until the scorer holds those first rows
         time.sleep(0.001)
-    for _ in range(quality.LIVE_QUEUE + 10):
+    for _ in range(live_quality.LIVE_QUEUE + 10):
         live.offer(model, output)  # returns at once, full queue or not
-    assert live._rows.qsize() == quality.LIVE_QUEUE
-    assert live._rows.queue[0][1].shape == (quality.LIVE_ROWS, 1, 28, 28)
+    assert live._rows.qsize() == live_quality.LIVE_QUEUE
+    assert live._rows.queue[0][1].shape == (live_quality.LIVE_ROWS, 1, 28, 28)
     release.set()
     live.close()
 
@@ -260,7 +260,7 @@ def test_the_bundled_models_all_pass_their_gate():
     settings = Settings(models_dir=BUNDLED, intra_op_threads=1)
     manifest = load_manifest(BUNDLED)
     assert manifest.judges and all(m.quality is not None for m in manifest.models)
-    warmed, _ = warmed_set(open_set(settings, lambda model: None), (1,), settings)
+    warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
     assert dict(warmed.failures) == {}
     assert set(warmed.gated) == {m.name for m in manifest.models}
     for name, result in warmed.gated.items():

@@ -8,32 +8,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import running_service, wait_ready
 from fastapi.testclient import TestClient
+from onnx_fixtures import new_version, write_models_dir
 
-from conftest import running_service
-from onnx_fixtures import entry_for, tiny_generator, write_models_dir
 from service.app import create_app
 from service.config import Settings
 from service.manifest import Manifest
-
-
-def new_version(folder: Path, broken: bool = False) -> None:
-    """The next manifest: gan retrained (a new file), cgan unchanged, gan-b added. Files first, then the
-    manifest by rename, as an operator should (a reload never sees half a file). `broken`: gan's file is
-    missing."""
-    tiny_generator(folder / "gan-v2.onnx", 8, seed=5)
-    tiny_generator(folder / "gan-b.onnx", 8, seed=9)
-    gan = entry_for(folder / "gan-v2.onnx", "gan", 8, 0)
-    if broken:
-        gan = gan.model_copy(update={"file": "gan-v3.onnx"})
-    manifest = Manifest(models=[gan, entry_for(folder / "cgan.onnx", "cgan", 6, 10),
-                                entry_for(folder / "gan-b.onnx", "gan-b", 8, 0)],
-                        defaults={"sample": "gan", "generate": "cgan", "interpolate": "cgan"})
-    (folder / "manifest.json.tmp").write_text(manifest.to_json())
-    (folder / "manifest.json.tmp").replace(folder / "manifest.json")
 
 
 @pytest.fixture
@@ -41,11 +24,7 @@ def app_and_client(tmp_path):
     write_models_dir(tmp_path / "exported")
     app = create_app(Settings(models_dir=tmp_path / "exported", intra_op_threads=1))
     with TestClient(app) as client:
-        for _ in range(400):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.01)
-        yield app, client, tmp_path / "exported"
+        yield app, wait_ready(client), tmp_path / "exported"
 
 
 def reload(app, client) -> bool:
@@ -57,7 +36,7 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     seeded = {"model": "gan", "seed": 3}
     before = client.get("/sample", params=seeded)
     old = app.state.models
-    cgan_batcher, cgan_session, gan_batcher = old.batchers["cgan"], old.models["cgan"].session, old.batchers["gan"]
+    cgan_batcher, cgan_session, gan_batcher = old.queues["cgan"], old.models["cgan"].local, old.queues["gan"]
     new_version(folder)
     assert reload(app, client)
     after = client.get("/sample", params=seeded)
@@ -66,8 +45,8 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     assert {m["name"] for m in client.get("/models").json()["models"]} == {"gan", "cgan", "gan-b"}
     new = app.state.models
     assert new is not old and old.models.keys() == {"gan", "cgan"}  # a new set, the old one untouched
-    assert new.batchers["cgan"] is cgan_batcher and new.models["cgan"].session is cgan_session
-    assert new.batchers["gan"] is not gan_batcher and gan_batcher._closed and not gan_batcher.running
+    assert new.queues["cgan"] is cgan_batcher and new.models["cgan"].local is cgan_session
+    assert new.queues["gan"] is not gan_batcher and not gan_batcher.alive
     assert client.get("/readyz").json()["left_out"] == {}
     assert 'digitgen_reloads_total{result="ok"} 1.0' in client.get("/metrics").text
 
@@ -97,7 +76,7 @@ def test_a_model_removed_from_the_manifest_goes_away(app_and_client):
     assert reload(app, client)
     assert client.get("/sample", params={"model": "gan"}).status_code == 404
     assert client.get("/sample").headers["x-model"] == "cgan"
-    assert "gan" not in app.state.models.batchers
+    assert "gan" not in app.state.models.queues
 
 
 def test_sighup_under_load_drops_nothing(tmp_path):
@@ -155,29 +134,29 @@ def test_the_served_set_cannot_be_edited_in_place(app_and_client):
     with pytest.raises(TypeError):
         models.models["intruder"] = models.models["gan"]
     with pytest.raises(TypeError):
-        del models.batchers["gan"]
+        del models.queues["gan"]
     with pytest.raises(AttributeError):
         models.warmed = False
 
 
 def test_a_model_that_fails_warm_up_is_left_out_and_its_batcher_closed(tmp_path, monkeypatch):
-    from service.registry import LoadedModel
+    from service.runtime.model import ModelRuntime
     write_models_dir(tmp_path)
-    original = LoadedModel.warm
+    original = ModelRuntime.warm
 
     def warm(self, sizes):
         if self.name == "gan":
             raise RuntimeError("no kernel for this node")
         return original(self, sizes)
-    monkeypatch.setattr(LoadedModel, "warm", warm)
+    monkeypatch.setattr(ModelRuntime, "warm", warm)
     app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1), warm=False)
     with TestClient(app) as client:
         cold = app.state.models
-        gan_batcher = cold.batchers["gan"]
+        gan_batcher = cold.queues["gan"]
         client.portal.call(app.state.reloader.warm_up)
         warmed = app.state.models
-        assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.batchers) == ["cgan"]
-        assert gan_batcher._closed and not gan_batcher.running
+        assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.queues) == ["cgan"]
+        assert not gan_batcher.alive
         ready = client.get("/readyz")
         assert ready.status_code == 200
         assert "warm-up failed: no kernel for this node" in ready.json()["left_out"]["gan"]
@@ -187,15 +166,16 @@ def test_a_model_that_fails_warm_up_is_left_out_and_its_batcher_closed(tmp_path,
 def test_a_reload_asked_for_during_warm_up_runs_after_it(tmp_path, monkeypatch):
     """Warm-up and reload are the one writer's two steps: a reload waits for warm-up, then sees its set."""
     import asyncio
-    from service.registry import LoadedModel
+
+    from service.runtime.model import ModelRuntime
     write_models_dir(tmp_path)
-    original, order = LoadedModel.warm, []
+    original, order = ModelRuntime.warm, []
 
     def slow_warm(self, sizes):
         time.sleep(0.2)
         order.append(f"warm {self.name}")
         return original(self, sizes)
-    monkeypatch.setattr(LoadedModel, "warm", slow_warm)
+    monkeypatch.setattr(ModelRuntime, "warm", slow_warm)
     app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1), warm=False)
     with TestClient(app) as client:
         new_version(tmp_path)
@@ -212,21 +192,18 @@ def test_a_reload_asked_for_during_warm_up_runs_after_it(tmp_path, monkeypatch):
 
 
 def test_an_unreadable_model_file_is_left_out_at_start_up_and_named_at_reload(tmp_path, monkeypatch):
-    from service import registry
+    from service.runtime import session
     write_models_dir(tmp_path)
-    original = registry.sha256_of
+    original = session.sha256_of
 
     def unreadable(path):
         if path.name in ("gan.onnx", "gan-v2.onnx"):
             raise PermissionError(13, "Permission denied", str(path))
         return original(path)
-    monkeypatch.setattr(registry, "sha256_of", unreadable)
+    monkeypatch.setattr(session, "sha256_of", unreadable)
     app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1))
     with TestClient(app) as client:
-        for _ in range(400):
-            if client.get("/readyz").status_code == 200:
-                break
-            time.sleep(0.01)
+        wait_ready(client)
         left_out = client.get("/readyz").json()["left_out"]
         assert "gan.onnx cannot be read: Permission denied" in left_out["gan"]
         assert client.get("/generate", params={"digit": 2}).status_code == 200  # cgan serves

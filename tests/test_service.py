@@ -11,15 +11,15 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import free_port, imports_of, wait_ready
 from fastapi.testclient import TestClient
+from onnx_fixtures import write_models_dir
 from PIL import Image
 
-from conftest import imports_of
-from onnx_fixtures import write_models_dir
 from service.app import create_app
 from service.config import Settings
+from service.modelset import Loader, open_set
 from service.providers import CPU, CUDA, choose_providers
-from service.modelset import open_set
 
 
 @pytest.fixture
@@ -36,13 +36,8 @@ def client(models_dir):
         yield client
 
 
-def _wait_ready(client, tries: int = 200):
-    for _ in range(tries):
-        if client.get("/readyz").status_code == 200:
-            return
-        import time
-        time.sleep(0.01)
-    raise AssertionError("service never became ready")
+def _wait_ready(client):
+    wait_ready(client)
 
 
 def png(response) -> Image.Image:
@@ -132,6 +127,7 @@ def test_first_frame_of_a_walk_is_the_first_sample_of_its_seed(client):
 
 def test_truncation_scales_z_toward_the_mean_and_is_reported(client, models_dir):
     import onnxruntime as ort
+
     from service import imaging, sampling
     response = client.get("/sample", params={"model": "gan", "n": 3, "seed": 4, "truncation": 0.5, "format": "json"})
     assert response.headers["x-truncation"] == "0.5" and response.json()["truncation"] == 0.5
@@ -284,7 +280,7 @@ def test_a_corrupt_file_with_a_matching_checksum_is_left_out(models_dir):
     from service.manifest import sha256_of
     manifest["models"][[m["name"] for m in manifest["models"]].index("gan")]["sha256"] = sha256_of(path)
     (models_dir / "manifest.json").write_text(json.dumps(manifest))
-    models = open_set(Settings(models_dir=models_dir, intra_op_threads=1), lambda model: None)
+    models = open_set(Loader.of(Settings(models_dir=models_dir, intra_op_threads=1)))
     assert list(models.models) == ["cgan"] and "ONNX Runtime" in models.failures["gan"]
 
 
@@ -328,8 +324,9 @@ def test_the_service_never_imports_torch(models_dir):
 
 def test_inference_and_encoding_run_off_the_event_loop(client, monkeypatch):
     import threading
+
     from service import imaging
-    from service.registry import LoadedModel
+    from service.runtime.model import ModelRuntime
     threads = {}
 
     def spy(name, original):
@@ -337,7 +334,7 @@ def test_inference_and_encoding_run_off_the_event_loop(client, monkeypatch):
             threads[name] = threading.current_thread().name
             return original(*args, **kwargs)
         return wrapped
-    monkeypatch.setattr(LoadedModel, "run", spy("run", LoadedModel.run))
+    monkeypatch.setattr(ModelRuntime, "run", spy("run", ModelRuntime.run))
     monkeypatch.setattr(imaging, "png_grid", spy("png", imaging.png_grid))
     assert client.get("/sample", params={"n": 8}).status_code == 200
     assert threads["run"] == "batch-gan" and threads["png"].startswith("encode")
@@ -371,6 +368,7 @@ def test_a_bad_port_is_a_cli_error_naming_it_not_a_traceback(models_dir, monkeyp
 def test_main_leaves_the_environment_as_it_found_it(models_dir, monkeypatch):
     """Settings reach the workers as a value: nothing is written into os.environ for them."""
     import os
+
     from service import __main__ as cli
     seen = {}
     monkeypatch.setattr(cli.workers, "run", lambda factory, options, count: seen.update(
@@ -384,6 +382,7 @@ def test_main_leaves_the_environment_as_it_found_it(models_dir, monkeypatch):
 
 def test_json_width_and_height_come_from_the_manifests_image_shape(tmp_path):
     from onnx_fixtures import entry_for, tiny_generator
+
     from service.manifest import Manifest
     tiny_generator(tmp_path / "small.onnx", 4, side=14)
     manifest = Manifest(models=[entry_for(tmp_path / "small.onnx", "small", 4, 0, side=14)])
@@ -399,9 +398,9 @@ def test_json_width_and_height_come_from_the_manifests_image_shape(tmp_path):
 # --- workers and settings ------------------------------------------------------------------------------
 
 def test_the_plan_shares_the_cpus_out_among_the_workers(monkeypatch):
-    from service import providers
-    from service.providers import plan
-    monkeypatch.setattr(providers, "available_cpus", lambda: 8)
+    from service import plan as planning
+    from service.plan import make_plan as plan
+    monkeypatch.setattr(planning, "available_cpus", lambda: 8)
 
     def planned(**settings):
         chosen = plan(Settings(**settings))
@@ -412,7 +411,7 @@ def test_the_plan_shares_the_cpus_out_among_the_workers(monkeypatch):
     assert planned(workers=1, intra_op_threads=3) == (1, 3)
     assert Settings(providers="cpu").workers is None  # the settings alone decide nothing
     assert plan(Settings(providers="cpu")).gpu_mem_limit_mb is None  # no arena without CUDA
-    monkeypatch.setattr(providers, "cuda_chosen", lambda setting: True)
+    monkeypatch.setattr(planning, "cuda_chosen", lambda setting: True)
     assert planned() == (8, 1)  # on CUDA too: the HTTP and encoding work needs every core
     assert plan(Settings()).gpu_mem_limit_mb == 6144  # one inference process holds the GPU sessions
     assert plan(Settings(gpu_sessions="per-worker")).gpu_mem_limit_mb == 768  # the 6 GB shared out among 8
@@ -428,8 +427,9 @@ def test_the_cuda_provider_gets_the_arena_cap_and_grows_it_as_asked():
 
 
 def test_the_settings_import_nothing_of_onnx_runtime_or_the_service():
-    """Settings are read first and by everything; what depends on the device is planned in providers."""
+    """Settings are read first and by everything; what depends on the device is planned (service/plan.py)."""
     import subprocess
+
     from service import config
     assert not {m for m in imports_of(config) if m.startswith("service") or m == "onnxruntime"}
     code = "import sys, service.config; assert 'onnxruntime' not in sys.modules"
@@ -440,13 +440,10 @@ def test_the_settings_import_nothing_of_onnx_runtime_or_the_service():
 def two_workers(models_dir, tmp_path):
     """`python -m service --workers 2` on a free port, with its metric files in a folder we can read."""
     import os
-    import socket
     import subprocess
     import time
     import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     shared = tmp_path / "prometheus"
     shared.mkdir()
     (shared / "counter_1.db").write_bytes(b"stale")  # left by an earlier run: must not be counted
@@ -500,6 +497,7 @@ def test_workers_share_a_burst_of_persistent_connections(two_workers):
     """32 keep-alive connections opened at once (a proxy's pool): each worker gets a fair share."""
     import http.client
     import time
+
     from prometheus_client.mmap_dict import MmapedDict
     _, port, shared = two_workers
     connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(32)]
@@ -587,7 +585,7 @@ def test_a_seeded_request_is_cacheable_and_revalidates_to_a_304_without_the_mode
     assert first.headers["cache-control"] == ("public, max-age=31536000, immutable" if named else "public, max-age=60")
     assert client.get(path, params=params).headers["etag"] == tag  # a pure function of the request
 
-    from service.batching import Batcher
+    from service.runtime.batcher import Batcher
     monkeypatch.setattr(Batcher, "submit", lambda *a, **k: pytest.fail("a 304 must not queue anything"))
     again = client.get(path, params=params, headers={"If-None-Match": f'"other", {tag}'})
     assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag
@@ -618,7 +616,7 @@ def test_cors_exposes_the_etag(client):
 # --- on a GPU machine: small batches where they run faster -------------------------------------------------
 
 def test_the_cpu_takes_the_batch_sizes_up_to_where_it_stops_being_faster():
-    from service.devices import batch_sizes, cpu_up_to
+    from service.runtime.devices import batch_sizes, cpu_up_to
     gpu = {1: 5.0, 2: 5.0, 4: 5.0, 8: 5.0, 16: 5.0, 32: 5.0, 64: 5.0}.get
     cpu = {1: 1.0, 2: 2.0, 4: 4.0, 8: 8.0, 16: 16.0, 32: 32.0, 64: 64.0}.get
     assert batch_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and batch_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
@@ -630,38 +628,43 @@ def test_the_cpu_takes_the_batch_sizes_up_to_where_it_stops_being_faster():
 
 def test_a_model_with_a_cpu_session_sends_small_batches_to_it(models_dir):
     """The pairing a CUDA model gets, with two CPU sessions standing in (which one is 'faster' is faked)."""
-    from service import devices
     from service.manifest import load_manifest
-    from service.registry import LoadedModel, open_model
-    settings = Settings(models_dir=models_dir, intra_op_threads=1)
-    main = open_model(load_manifest(models_dir).model("gan"), models_dir, [CPU], settings)
+    from service.runtime import devices
+    from service.runtime.model import ModelRuntime
+    from service.runtime.session import open_model_session, zeros
+    entry = load_manifest(models_dir).model("gan")
+    real = open_model_session(models_dir / entry.file, entry, [CPU], 1)
     used = []
 
     class Spy:
-        def __init__(self, name, session):
-            self.name, self.session = name, session
+        def __init__(self, name, provider):
+            self.name, self.provider = name, provider
 
-        def run(self, outputs, feed):
-            used.append((self.name, len(feed["z"])))
-            return self.session.run(outputs, feed)
-    model = LoadedModel(main.entry, Spy("gpu", main.session), "CUDAExecutionProvider", Spy("cpu", main.session))
+        def run(self, z, y):
+            used.append((self.name, len(z)))
+            return real.run(z, y)
+
+        def close(self):
+            pass
+    model = ModelRuntime(entry, models_dir / entry.file, Spy("gpu", "CUDAExecutionProvider"), Spy("cpu", CPU),
+                         expects_process=False, deadline_min_s=0.5, deadline_max_s=5)
     fake = {"cpu": 1e-4, "gpu": 1e-3}  # per image: the CPU wins up to 8 images
     original = devices.median_seconds
     try:
-        devices.median_seconds = lambda run, make, n, runs=5: (fake["cpu"] * n if run.args[0].name == "cpu"
+        devices.median_seconds = lambda run, make, n, runs=5: (fake["cpu"] * n if run.__self__.name == "cpu"
                                                                else fake["gpu"] * 1.0 + 1e-5 * n)
         model.warm((1, 16))
     finally:
         devices.median_seconds = original
-    assert model.cpu_up_to == 8
+    assert model.placement.cpu_up_to == 8 and model.placement.provider == "CUDAExecutionProvider"
     used.clear()
-    model.run(*model.zeros(8))
-    model.run(*model.zeros(9))
+    model.run(*zeros(entry, 8))
+    model.run(*zeros(entry, 9))
     assert used == [("cpu", 8), ("gpu", 9)]
 
 
 def test_gpu_memory_is_read_from_nvidia_smi_for_this_process(tmp_path):
-    from service.devices import gpu_memory_bytes
+    from service.runtime.devices import gpu_memory_bytes
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\nprintf '111, 300\\n4242, 1536\\n4242, 512\\n'\n")
     fake.chmod(0o755)
@@ -677,3 +680,32 @@ def test_models_and_metrics_say_where_each_model_runs(client):
         {"gan": (CPU, 0), "cgan": (CPU, 0)}
     text = client.get("/metrics").text
     assert f'digitgen_model_device{{cpu_up_to="0",model="gan",provider="{CPU}"}} 1.0' in text
+
+
+# --- the hot routes' dispatch ------------------------------------------------------------------------
+
+def test_the_hot_routes_match_behind_a_root_path(models_dir):
+    """Behind a proxy that strips a prefix (uvicorn --root-path /digits), the images and V2 infer still
+    take the fast dispatch and answer in their own error shapes."""
+    app = create_app(Settings(models_dir=models_dir, intra_op_threads=1))
+    with TestClient(app, root_path="/digits") as client:
+        _wait_ready(client)
+        assert client.get("/digits/sample", params={"seed": 1}).status_code == 200
+        assert client.get("/digits/generate", params={"digit": 12}).status_code == 422
+        missing = client.post("/digits/v2/models/nobody/infer", json={"inputs": []})
+        assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_an_unexpected_failure_in_a_hot_route_keeps_its_endpoints_error_shape(models_dir, monkeypatch, caplog):
+    from service import openinference
+    from service.routes import images
+    app = create_app(Settings(models_dir=models_dir, intra_op_threads=1))
+    monkeypatch.setattr(openinference, "split_body", lambda *a: 1 / 0)
+    monkeypatch.setattr(images, "sample_job", lambda *a: 1 / 0)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        _wait_ready(client)
+        v2 = client.post("/v2/models/gan/infer", json={"inputs": []})
+        assert v2.status_code == 500 and v2.json() == {"error": "internal error: ZeroDivisionError"}
+        sample = client.get("/sample")
+        assert sample.status_code == 500 and sample.json() == {"detail": "internal error: ZeroDivisionError"}
+    assert "ZeroDivisionError" in caplog.text  # logged with its traceback for whoever runs the service

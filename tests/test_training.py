@@ -3,12 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_alternation_holds, imports_of, state_equal, tiny_setup
 
 from training.loop import RunError, train
 from training.models import MODELS
 from training.trainers import EMA, AdversarialTrainer, make_trainer
-
-from conftest import assert_alternation_holds, imports_of, state_equal, tiny_setup
 
 quiet = dict(progress=False, log=lambda *_: None)
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import running_service
+from conftest import free_port, running_service
 from onnx_fixtures import write_models_dir
+
 from service.__main__ import main as service_cli
 from service.manifest import load_manifest, sha256_of
 
@@ -101,10 +101,7 @@ def test_the_readme_tritonclient_program_runs_against_the_service(models_dir, tm
 
 
 def test_the_readme_grpc_program_runs_against_the_service(models_dir, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     program = tmp_path / "grpc_client.py"
     program.write_text(readme_client_program("tritonclient grpc example"))
     with running_service(models_dir, grpc_port=str(port)):

@@ -13,11 +13,11 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import running_service
 from fastapi.testclient import TestClient
+from onnx_fixtures import write_models_dir
 from PIL import Image
 
-from conftest import running_service
-from onnx_fixtures import write_models_dir
 from service import imaging, sampling
 from service.app import create_app
 from service.config import Settings

@@ -13,8 +13,9 @@ import urllib.request
 from functools import partial
 
 import pytest
-
+from conftest import free_port, wait_until
 from onnx_fixtures import write_models_dir
+
 from service import workers
 from service.app import create_app
 from service.config import Settings
@@ -30,12 +31,6 @@ def restore_signals():
     for s, handler in saved.items():
         signal.signal(s, handler)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def options(port: int) -> dict:
@@ -58,10 +53,7 @@ def slow_app(models_dir, started_file, on_ready=None):
 
 
 def wait_for(condition, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+    wait_until(condition, "the condition", seconds, every=0.1)
 
 
 def answers(port: int) -> bool:

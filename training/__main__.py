@@ -166,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training import evaluate, evaluator
     from training.loop import load_run
+    from training.models.gan import Generator
+    from training.models.vae import VAE
 
     target = args.target
     if target.suffix == ".onnx":
@@ -185,8 +187,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.raw and trainer.ema is None:
             raise ConfigError(f"--raw: {target} keeps no EMA, so its only weights are the raw ones")
         net = trainer.nets["generator"] if args.raw else trainer.sampler()
+        assert isinstance(net, (Generator, VAE))
         if args.no_prior:
-            if getattr(net, "prior", None) is None:
+            if not isinstance(net, VAE) or net.prior is None:  # a Generator has no prior
                 raise ConfigError(f"--no-prior: {target} has no prior flow")
             net.prior = None
         suffix = "-raw" if args.raw else "-no-prior" if args.no_prior else ""
@@ -232,7 +235,7 @@ def cmd_truncation(args: argparse.Namespace) -> None:
     path = args.models_dir / "truncation.json"
     earlier = json.loads(path.read_text()) if path.exists() else {}
     sweeps = {name: rows for name, rows in earlier.items() if name in names - chosen}  # the others' rows stay
-    judges = {}
+    judges: dict[str, evaluator.Judge] = {}
     for entry in models:
         if entry.name not in chosen:
             continue

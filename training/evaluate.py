@@ -14,12 +14,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 from training.atomic import write_text_atomic
 from training.data import load_dataset
 from training.evaluator import EVAL_SEED, EvaluationError, Judge
 from training.metrics import CONFIDENT, PR_NEIGHBOURS, class_figures, frechet_distance, precision_recall
+from training.models.gan import Generator
+from training.models.vae import VAE
 
 DEFAULT_SAMPLES = 10_000
 
@@ -51,7 +52,7 @@ def onnx_source(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider"
     return Source(Path(path).stem, int(inputs["z"][1]), int(inputs["y"][1]) if "y" in inputs else 0, draw)
 
 
-def torch_source(name: str, net: nn.Module, num_classes: int) -> Source:
+def torch_source(name: str, net: Generator | VAE, num_classes: int) -> Source:
     """A network with `generate(z, y)` in eval mode, as a Source."""
     net.eval()
 

@@ -152,9 +152,10 @@ def train_evaluator(data: DigitData, epochs: int = 8, holdout: int = 5000, seed:
     generator = torch.Generator().manual_seed(seed)
     held = calibration_holdout(data.train.labels, holdout, seed)
     x, y = data.train.images.cpu()[~held], data.train.labels.cpu()[~held]
-    net = Evaluator(data.num_classes).to(memory_format=torch.channels_last)
+    # The ignores: Module.to takes memory_format=, which the overloads in its stub omit
+    net: Evaluator = Evaluator(data.num_classes).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     _fit(net, x, y, data.num_classes, epochs, mixup, generator, log)
-    net = net.to(memory_format=torch.contiguous_format).eval()
+    net = net.to(memory_format=torch.contiguous_format).eval()  # type: ignore[call-overload]
     temperature = fit_temperature(_logits_and_features(net, data.train.images.cpu()[held])[1],
                                   data.train.labels.cpu()[held]) if holdout else 1.0
     _, test_logits = _logits_and_features(net, data.val.images.cpu())

@@ -10,33 +10,28 @@ with N dynamic. The network is exported in eval mode, so an image never depends 
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from service.manifest import ENDPOINTS, MANIFEST_NAME, Manifest, ModelEntry, TrainingSummary, load_manifest, sha256_of
 from training import evaluate, evaluator, pictures
-from training.atomic import atomic_path, write_text_atomic
-from training.loop import SNAPSHOT_ROWS, read_history, fixed_noise, load_run
+from training.atomic import write_text_atomic
+from training.judge_export import with_quality
+from training.loop import SNAPSHOT_ROWS, fixed_noise, load_run, read_history
+from training.models.gan import Generator
+from training.models.vae import VAE
+from training.onnx_export import EXAMPLE_BATCH, PARITY_SAMPLES, ExportError, export_checked
 
-PARITY_SAMPLES = 256
 PARITY_TOLERANCE = 1e-4  # max absolute pixel difference, ONNX Runtime CPU vs PyTorch
 GIF_FRAMES = 20
-EXAMPLE_BATCH = 4        # >= 2: an example batch of 1 can fix the batch axis to 1 (pytorch #133653)
-
-
-class ExportError(Exception):
-    """An export that failed a check; the message names the run or file."""
 
 
 class _Decoder(nn.Module):
     """The exported graph: `generate(z, y)` alone, named inputs, float32 out."""
 
-    def __init__(self, net: nn.Module, conditional: bool):
+    def __init__(self, net: Generator | VAE, conditional: bool):
         super().__init__()
         self.net, self.conditional = net, conditional
 
@@ -56,37 +51,10 @@ def _inputs(latent_dim: int, num_classes: int, n: int, seed: int) -> tuple[torch
     return z, (1 - weight) * eye[a] + weight * eye[b]
 
 
-def export_checked(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], output: str,
-                   path: Path, check: tuple[torch.Tensor, ...], tolerance: float) -> int:
-    """Write `module` (eval mode, float32 on the CPU) to `path` atomically, with a dynamic batch axis,
-    once ONNX Runtime's CPU output on `check` matches PyTorch's within `tolerance` (max absolute
-    difference); returns the opset. The inputs are named `names`, the output `output`."""
-    import onnx
-    import onnxruntime as ort
-
-    batch = torch.export.Dim("batch", min=1)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # it warns about torchvision ops we do not use
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", (FutureWarning, UserWarning))  # torch's exporter internals, not ours
-        program = torch.onnx.export(module, example, input_names=names, output_names=[output], dynamo=True,
-                                    dynamic_shapes={name: {0: batch} for name in names}, verbose=False)
-    with atomic_path(path) as tmp:
-        program.save(str(tmp))
-        with torch.no_grad():
-            expected = module(*check).numpy()
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run([output], dict(zip(names, (t.numpy() for t in check))))[0]
-        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-        if not diff <= tolerance:
-            raise ExportError(f"{path.name}: ONNX Runtime differs from PyTorch by {diff:.3g} "
-                              f"(> {tolerance:g}) over {len(check[0])} samples; not written")
-        opset = next(o.version for o in onnx.load(str(tmp)).opset_import if o.domain in ("", "ai.onnx"))
-    return opset
-
-
-def export_onnx(net: nn.Module, num_classes: int, path: Path) -> int:
+def export_onnx(net: Generator | VAE, num_classes: int, path: Path) -> int:
     """Write `net.generate` to `path` atomically after the parity check; returns the opset."""
-    decoder = _Decoder(copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format),
+    # The ignore: Module.to takes memory_format=, which the overloads in its stub omit
+    decoder = _Decoder(copy.deepcopy(net).float().to("cpu", memory_format=torch.contiguous_format),  # type: ignore[call-overload]
                        num_classes > 0).eval()
     example = _inputs(net.latent_dim, num_classes, EXAMPLE_BATCH, seed=0)
     check = _inputs(net.latent_dim, num_classes, PARITY_SAMPLES, seed=1)
@@ -124,6 +92,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     if raw and trainer.ema is None:
         raise ExportError(f"--raw: {run} keeps no EMA, so its only weights are the raw ones")
     net = trainer.nets["generator"] if raw else trainer.sampler()
+    assert isinstance(net, (Generator, VAE))
     num_classes = trainer.num_classes
     onnx_path = out_dir / f"{name}.onnx"
     opset = export_onnx(net, num_classes, onnx_path)
@@ -150,7 +119,6 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
         updated = manifest.upsert(entry, default_for)
     except ValueError as err:
         raise ExportError(f"{manifest_path}: {err}") from None
-    from training.judge_export import with_quality  # it builds on this module's export_checked
     updated = with_quality(updated, out_dir, judge, evaluator.KINDS[config.dataset], [name], samples, log=log)
     write_text_atomic(manifest_path, updated.to_json())
     log(f"{manifest_path}: {name} listed" + (f", default for {', '.join(default_for)}" if default_for else ""))

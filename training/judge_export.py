@@ -20,8 +20,8 @@ from torch import nn
 from service.manifest import JudgeEntry, Manifest, ModelEntry, QualityFigures, sha256_of
 from training import evaluate
 from training.evaluator import EVAL_SEED, EVALUATOR_VERSION, KINDS, Judge
-from training.export import EXAMPLE_BATCH, PARITY_SAMPLES, export_checked
 from training.metrics import CONFIDENT, class_figures
+from training.onnx_export import EXAMPLE_BATCH, PARITY_SAMPLES, export_checked
 
 PARITY_TOLERANCE = 1e-5  # max absolute difference of a probability, ONNX Runtime CPU vs PyTorch
 REPORTED = ("trained_on", "test_digits", "epochs", "mixup", "test_accuracy", "test_ece", "temperature")
@@ -42,7 +42,8 @@ def export_judge(judge: Judge, kind: str, out_dir: Path) -> JudgeEntry:
     """Write OUT_DIR/judge-KIND.onnx after the parity check (on real digits of the judge's reference set)
     and return its manifest entry."""
     path = out_dir / f"judge-{kind}.onnx"
-    module = _Calibrated(copy.deepcopy(judge.net).float().to("cpu", memory_format=torch.contiguous_format).eval(),
+    # The ignore: Module.to takes memory_format=, which the overloads in its stub omit
+    module = _Calibrated(copy.deepcopy(judge.net).float().to("cpu", memory_format=torch.contiguous_format).eval(),  # type: ignore[call-overload]
                          judge.temperature).eval()
     example = (torch.rand(EXAMPLE_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(0)),)
     check = (judge.reference.images[:PARITY_SAMPLES].float().cpu(),)
@@ -77,12 +78,12 @@ def with_quality(manifest: Manifest, models_dir: Path, judge: Judge, kind: str, 
     with it. The judge is exported when it is not listed yet or `renew` is set; a new judge file is then
     measured against every model it judges, whose figures from the old file no longer hold."""
     listed = next((j for j in manifest.judges if j.name == kind), None)
-    path = models_dir / listed.file if listed else None
-    fresh = renew or path is None or not path.is_file() or sha256_of(path) != listed.sha256
+    fresh = renew or listed is None or not (path := models_dir / listed.file).is_file() or sha256_of(path) != listed.sha256
     if fresh:
         listed = export_judge(judge, kind, models_dir)
         log(f"{models_dir / listed.file}: the {kind} judge, parity with PyTorch within {PARITY_TOLERANCE:g} "
             f"over {PARITY_SAMPLES} digits")
+    assert listed is not None  # the listed judge, or the one exported just now
     judged = [m for m in manifest.models
               if m.dataset in listed.datasets and (fresh or names is None or m.name in names)]
     measured = []

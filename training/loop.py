@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -250,7 +251,7 @@ def _train_epoch(run: _RunState, epoch: int, progress: bool) -> dict:
     if trainer.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    row = {"epoch": epoch, "step": run.step}
+    row: dict[str, float] = {"epoch": epoch, "step": run.step}
     row.update(distributed.mean_over_ranks(world, {key: float(sums[key]) / counts[key] for key in sums},
                                            trainer.device))
     if hasattr(trainer, "validate") and world.main:
@@ -277,7 +278,7 @@ def _write_epoch_outputs(run: _RunState, epoch: int) -> None:
 
 def saved_settings(record: dict) -> tuple[TrainConfig, dict[str, str]]:
     """A run's config.json back as its TrainConfig and its model settings as `--set` strings."""
-    train_saved = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train"].items()}
+    train_saved: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in record["train"].items()}
     overrides = {k: ",".join(map(str, v)) if isinstance(v, list) else str(v)
                  for k, v in record["model_config"].items()}
     return TrainConfig(**train_saved), overrides

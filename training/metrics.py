@@ -35,9 +35,9 @@ def class_figures(probs: torch.Tensor, num_classes: int) -> tuple[float, list[fl
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """FID between two feature sets [N, D]: |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa Sb)^(1/2))."""
-    a, b = a.double().numpy(), b.double().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    fa, fb = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = fa.mean(0), fb.mean(0)
+    cov_a, cov_b = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
     # tr (Sa Sb)^(1/2) = sum of sqrt(eig(Sa^(1/2) Sb Sa^(1/2))), a symmetric PSD matrix
     w, v = np.linalg.eigh(cov_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T

@@ -84,7 +84,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="seed; a CPU run is reproducible bit for bit (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
                         help="auto (default) picks CUDA when present")
-    parser.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
+    parser.add_argument("--no-amp", action="store_true",
+                        help="train in float32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the training steps' forwards (inductor; CUDA graphs on CUDA): "
                             "a one-off compile of seconds to a minute; on this project's 2-core CPU the steps run 0.73-0.87x "
@@ -112,7 +113,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
         "dataset": args.dataset, "data_dir": args.data_dir, "limit": args.limit, "epochs": args.epochs,
         "batch_size": args.batch_size, "lr": args.lr, "loss": args.loss, "n_critic": args.n_critic,
         "ema_decay": args.ema_decay, "kl_weight": args.kl_weight, "r1_weight": args.r1_weight,
-        "lr_decay_start": args.lr_decay_start, "augment": args.augment, "seed": args.seed, "device": args.device, "amp": False if args.no_amp else None,
+        "lr_decay_start": args.lr_decay_start, "augment": args.augment, "seed": args.seed, "device": args.device,
+        "amp": False if args.no_amp else None,
         "compile": args.compile,
     }
     if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
@@ -155,7 +157,8 @@ def _as_flag(field: str, value, model_setting: bool) -> tuple[str, str]:
         return "--no-amp ", str(not value)
     if model_setting and field != "latent_dim":
         return f"--set {field}=", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-    flags = {action.dest: (action.option_strings or [action.metavar])[0] for action in train_parser()._actions}
+    flags = {action.dest: action.option_strings[0] if action.option_strings else action.metavar
+             for action in train_parser()._actions}
     return f"{flags.get(field, field)} ", str(value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ from torch import nn
 from training import losses, precision
 from training.augment import augment
 from training.models import ModelSpec
-from training.models.vae import reparameterise
+from training.models.gan import Generator
+from training.models.vae import VAE, reparameterise
 
 
 @dataclass
@@ -107,9 +109,10 @@ class Trainer:
                  device: torch.device):
         self.spec, self.config, self.device = spec, config, device
         self.num_classes = num_classes if spec.conditional else 0
-        # channels_last: oneDNN and cuDNN run these convolutions faster in NHWC (measured: make bench)
-        self.nets = {role: net.to(device, memory_format=torch.channels_last)
-                     for role, net in spec.build(model_config, num_classes).items()}
+        # channels_last: oneDNN and cuDNN run these convolutions faster in NHWC (measured: make bench).
+        # The ignore: Module.to takes memory_format=, which the overloads in its stub omit.
+        self.nets: dict[str, nn.Module] = {role: net.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+                                           for role, net in spec.build(model_config, num_classes).items()}
         self.optimizers = {role: make_optimizer(net.parameters(), config) for role, net in self.nets.items()}
         # What the steps call to train: the networks themselves, or their DistributedDataParallel wrappers
         # (`distribute`), compiled with `config.compile`. Saving, sampling and the EMA always use `nets`,
@@ -125,7 +128,8 @@ class Trainer:
         compiled graphs do not support, so they call the network itself."""
         if not self.config.compile:
             return net
-        return torch.compile(net, mode="reduce-overhead" if self.device.type == "cuda" else None)
+        # torch.compile returns an OptimizedModule for a module; its stub says only "a callable"
+        return cast(nn.Module, torch.compile(net, mode="reduce-overhead" if self.device.type == "cuda" else None))
 
     def one_hot(self, labels: torch.Tensor) -> torch.Tensor | None:
         return F.one_hot(labels, self.num_classes).float() if self.num_classes else None
@@ -134,7 +138,7 @@ class Trainer:
         """Train on one batch of real images ([N, 1, 28, 28] in [0, 1]); return detached loss terms."""
         raise NotImplementedError
 
-    def sampler(self) -> nn.Module:
+    def sampler(self) -> Generator | VAE:
         """The network whose `generate(z, y)` draws images: the EMA copy when there is one."""
         raise NotImplementedError
 

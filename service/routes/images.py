@@ -11,16 +11,15 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 
-from service import caching, imaging, sampling
+from service import caching, dispatch, imaging, sampling
 from service.config import Settings
 from service.modelset import ModelSet
 from service.queries import openapi_query, query_models
-from service.registry import LoadedModel
-from service.routes import deps
+from service.runtime.model import ModelRuntime
 
 GIF_FRAME_MS = 120
 
-IMAGE_RESPONSES = {
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}, "application/json": {}},
           "description": "format=png: one PNG grid (X-Seed header); format=json: "
                          '{"model", "seed", "width", "height", "images": [base64 PNG, ...]}. With a seed: a '
@@ -40,7 +39,7 @@ def query_error(param: str, message: str) -> HTTPException:
     return HTTPException(422, detail=[{"loc": ["query", param], "msg": message, "type": "value_error"}])
 
 
-def check_classes(model: LoadedModel, **digits: int | None) -> None:
+def check_classes(model: ModelRuntime, **digits: int | None) -> None:
     """Each given class parameter applies to this model and is one of its classes, or a 422 naming it."""
     entry = model.entry
     for param, value in digits.items():
@@ -55,7 +54,7 @@ def check_classes(model: LoadedModel, **digits: int | None) -> None:
 class Seeded:
     """A request's seed and its caching headers; the 304 to answer at once when the client holds the ETag."""
 
-    def __init__(self, request: Request, model: LoadedModel, endpoint: str, q):
+    def __init__(self, request: Request, model: ModelRuntime, endpoint: str, q):
         self.seed = sampling.new_seed() if q.seed is None else q.seed
         self.headers, self.not_modified = {"Cache-Control": caching.UNSEEDED}, None
         if q.seed is None:
@@ -116,12 +115,12 @@ def router(settings: Settings) -> APIRouter:
 Job = tuple[int, int, Callable[[], tuple[np.ndarray, "np.ndarray | None"]], dict]
 
 
-async def answer(request: Request, q, endpoint: str, job: Callable[[LoadedModel, Any, int], Job],
-                 check: Callable[[ModelSet, LoadedModel, Any], None] | None = None) -> Response:
+async def answer(request: Request, q, endpoint: str, job: Callable[[ModelRuntime, Any, int], Job],
+                 check: Callable[[ModelSet, ModelRuntime, Any], None] | None = None) -> Response:
     """Every image route: the model, its checks (422s), the 304 of a revalidation, else the job run on the
     model's batcher and its response with the caching headers."""
-    models = deps.model_set(request)
-    model = deps.model_for(models, q.model, endpoint)
+    models = dispatch.model_set(request)
+    model = dispatch.model_for(models, q.model, endpoint)
     if check is not None:
         check(models, model, q)
     seeded = Seeded(request, model, endpoint, q)
@@ -129,12 +128,12 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[LoadedModel,
         return seeded.not_modified
     size, nrow, inputs, info = job(model, q, seeded.seed)
     finish = partial(render, fmt=q.format, nrow=nrow, scale=q.scale, info=info, image_shape=model.entry.image_shape)
-    response = await deps.run(models, model, size, inputs, finish, deps.settings(request).request_timeout_s)
+    response = await dispatch.run(models, model, size, inputs, finish, dispatch.settings(request).request_timeout_s)
     response.headers.update(seeded.headers)
     return response
 
 
-def sample_job(model: LoadedModel, q, seed: int) -> Job:
+def sample_job(model: ModelRuntime, q, seed: int) -> Job:
     entry = model.entry
     info = {"model": model.name, "seed": seed, "truncation": q.truncation}
     classes = sampling.random_classes(seed, q.n, entry.num_classes) if entry.conditional else None
@@ -147,14 +146,14 @@ def sample_job(model: LoadedModel, q, seed: int) -> Job:
     return q.n, q.nrow, inputs, info
 
 
-def check_generate(models: ModelSet, model: LoadedModel, q) -> None:
+def check_generate(models: ModelSet, model: ModelRuntime, q) -> None:
     if not model.entry.conditional:
         raise query_error("model", f"model {model.name!r} is not conditional; /generate needs one of: "
                                    f"{', '.join(models.conditional()) or 'none loaded'}")
     check_classes(model, digit=q.digit)
 
 
-def generate_job(model: LoadedModel, q, seed: int) -> Job:
+def generate_job(model: ModelRuntime, q, seed: int) -> Job:
     entry = model.entry
     info = {"model": model.name, "seed": seed, "digit": q.digit, "truncation": q.truncation}
 
@@ -164,11 +163,11 @@ def generate_job(model: LoadedModel, q, seed: int) -> Job:
     return q.n, q.nrow, inputs, info
 
 
-def check_walk(models: ModelSet, model: LoadedModel, q) -> None:
+def check_walk(models: ModelSet, model: ModelRuntime, q) -> None:
     check_classes(model, digit=q.digit, digit_to=q.digit_to)
 
 
-def walk_job(model: LoadedModel, q, seed: int) -> Job:
+def walk_job(model: ModelRuntime, q, seed: int) -> Job:
     """/interpolate: the ends (seed_to defaulted; for a conditional model, the classes) and the walk."""
     seed_to = q.seed_to
     if seed_to is None:
@@ -181,7 +180,7 @@ def walk_job(model: LoadedModel, q, seed: int) -> Job:
     return q.steps, q.steps, partial(walk_inputs, model, q, info), info
 
 
-def walk_inputs(model: LoadedModel, q, info: dict):
+def walk_inputs(model: ModelRuntime, q, info: dict):
     """z along the walk and, for a conditional model, the class vectors blended along it."""
     entry = model.entry
     z = sampling.walk(sampling.latents(info["seed"], 1, entry.latent_dim, q.truncation)[0],

@@ -6,23 +6,26 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import dispatch
+from service.live_quality import LiveQuality
 from service.metrics import Metrics
 from service.modelset import ModelSet
-from service.quality import LiveQuality
-from service.registry import LoadedModel
-from service.routes import deps
+from service.runtime.model import ModelRuntime
 
 
-def describe(models: ModelSet, model: LoadedModel) -> dict:
-    e = model.entry
+def describe(models: ModelSet, model: ModelRuntime) -> dict:
+    """What a client and an operator want of a model; `runtime`: where this worker runs its batches now,
+    and why."""
+    e, placement = model.entry, model.placement
     return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
-            "num_classes": e.num_classes, "class_names": e.class_names, "provider": model.provider,
-            "cpu_up_to_batch": model.cpu_up_to, "gpu_process": model.gpu_process_pid is not None,
+            "num_classes": e.num_classes, "class_names": e.class_names, "provider": placement.provider,
+            "cpu_up_to_batch": placement.cpu_up_to, "gpu_process": placement.process_pid is not None,
+            "runtime": placement.describe(),
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
 
 
-def quality(models: ModelSet, model: LoadedModel, live: LiveQuality) -> dict:
+def quality(models: ModelSet, model: ModelRuntime, live: LiveQuality) -> dict:
     """The figures its judge recorded at export, what the quality gate measured before this worker served
     it, and the judge's live figure over what this worker served lately (None where there is none)."""
     gated = models.gated.get(model.name)
@@ -35,24 +38,27 @@ def router(metrics: Metrics) -> APIRouter:
 
     @routes.get("/models", summary="The loaded models")
     async def models(request: Request):
-        current = deps.model_set(request)
+        current = dispatch.model_set(request)
         return {"models": [describe(current, m) for m in current.models.values()],
                 "gpu_memory_bytes": request.app.state.gpu_memory_bytes}  # on CUDA: this worker's + its GPU process's
 
     @routes.get("/models/{name}", summary="One model",
                 responses={404: {"description": "unknown model; the message lists the available ones"}})
     async def model_info(request: Request, name: str = Path(description="a model name from GET /models")):
-        current = deps.model_set(request)
-        model = deps.model_for(current, name, "sample")
+        current = dispatch.model_set(request)
+        model = dispatch.model_for(current, name, "sample")
         return describe(current, model) | {"quality": quality(current, model, request.app.state.live)}
 
-    @routes.get("/healthz", summary="Liveness: the process is up")
-    async def healthz():
+    @routes.get("/healthz", summary="Liveness: the process is up and every model's batch threads run")
+    async def healthz(request: Request):
+        stopped = [name for name, queue in dispatch.model_set(request).queues.items() if not queue.alive]
+        if stopped:
+            return JSONResponse({"status": "failing", "stopped_batch_threads": stopped}, status_code=503)
         return {"status": "ok"}
 
     @routes.get("/readyz", summary="Readiness: 200 once every loaded model is warmed, 503 before")
     async def readyz(request: Request):
-        current = deps.model_set(request)
+        current = dispatch.model_set(request)
         body = {"ready": current.ready, "models": {n: current.warmed for n in current.models},
                 "left_out": dict(current.failures) | request.app.state.reloader.left_out()}
         return JSONResponse(body, status_code=200 if current.ready else 503)

@@ -13,26 +13,26 @@ from functools import partial
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service import dispatch
 from service import openinference as wire
 from service.errors import ApiError
-from service.registry import LoadedModel
-from service.routes import deps
 from service.modelset import ModelSet
+from service.runtime.model import ModelRuntime
 
 
-def model_version(models: ModelSet, name: str, version: str | None) -> LoadedModel:
-    model = deps.model_for(models, name, "sample")
+def model_version(models: ModelSet, name: str, version: str | None) -> ModelRuntime:
+    model = dispatch.model_for(models, name, "sample")
     if version not in (None, wire.VERSION):
         raise ApiError(404, f"model {name!r} has no version {version!r}; its only version is {wire.VERSION}")
     return model
 
 
 async def metadata(request: Request, name: str, version: str | None = None):
-    return wire.model_metadata(model_version(deps.model_set(request), name, version).entry)
+    return wire.model_metadata(model_version(dispatch.model_set(request), name, version).entry)
 
 
 async def model_ready(request: Request, name: str, version: str | None = None):
-    models = deps.model_set(request)
+    models = dispatch.model_set(request)
     model_version(models, name, version)
     if not models.warmed:
         raise ApiError(503, f"model {name!r} is warming up")
@@ -40,13 +40,13 @@ async def model_ready(request: Request, name: str, version: str | None = None):
 
 
 async def infer(request: Request, name: str, version: str | None = None):
-    body = await request.body()  # first: from here to the batcher's submit nothing awaits (deps.py)
-    models = deps.model_set(request)
+    body = await request.body()  # first: from here to the batcher's submit nothing awaits (dispatch.py)
+    models = dispatch.model_set(request)
     model = model_version(models, name, version)
     header, binary = wire.split_body(body, request.headers.get(wire.HEADER_LENGTH))
-    z, y, binary_out, request_id = wire.parse_infer(header, binary, model.entry, deps.settings(request).max_n)
+    z, y, binary_out, request_id = wire.parse_infer(header, binary, model.entry, dispatch.settings(request).max_n)
     finish = partial(wire.infer_response, model=model.name, request_id=request_id, binary=binary_out)
-    return await deps.run(models, model, len(z), lambda: (z, y), finish, deps.settings(request).request_timeout_s,
+    return await dispatch.run(models, model, len(z), lambda: (z, y), finish, dispatch.settings(request).request_timeout_s,
                           raw=True)
 
 
@@ -73,13 +73,13 @@ def router(title: str, version: str) -> APIRouter:
     @routes.get("/health/ready", summary="Server readiness: every loaded model warmed", response_class=Response,
                 responses={200: {"description": "ready (empty body)"}, 503: wire.ERRORS[503]})
     async def ready(request: Request):
-        if not deps.model_set(request).ready:
+        if not dispatch.model_set(request).ready:
             raise ApiError(503, "warming up")
         return Response(status_code=200)
 
     infer_doc = wire.request_body_doc()
     for prefix, versioned in (("/models/{name}", False), ("/models/{name}/versions/{version}", True)):
-        def route(handler):  # the unversioned path takes no `version` at all (not even as a query parameter)
+        def route(handler, versioned=versioned):  # the unversioned path takes no `version` at all (not even as a query parameter)
             return handler if versioned else _latest(handler)
         routes.add_api_route(prefix, route(metadata), methods=["GET"], summary="Model metadata",
                              response_model=wire.ModelMetadata, responses={404: wire.ERRORS[404]})

@@ -52,7 +52,7 @@ async def measure(app, rounds: int) -> dict:
     async with app.router.lifespan_context(app):
         await asyncio.sleep(3)  # warm-up (this tree and older ones keep the model set under different names)
         for name, request in loads.items():
-            async def caller(n: int):
+            async def caller(n: int, request=request):
                 for _ in range(n):
                     assert await call(app, *request) == 200
             await asyncio.gather(*(caller(10) for _ in range(64)))  # warm
@@ -75,9 +75,9 @@ def main() -> None:
     os.chdir(args.src)
     from service.app import create_app
     from service.config import Settings
-    from service.registry import LoadedModel
+    from service.runtime.model import ModelRuntime
     if not args.real:
-        LoadedModel.run = lambda self, z, y: np.full((len(z), 1, 28, 28), 0.5, np.float32)
+        ModelRuntime.run = lambda self, z, y: np.full((len(z), 1, 28, 28), 0.5, np.float32)
     settings = {"quality_gate": False} if "quality_gate" in Settings.model_fields else {}  # a stub draws no digit
     app = create_app(Settings(models_dir=Path(args.src) / "exported", workers=1, intra_op_threads=1, **settings))
     import uvloop

@@ -154,7 +154,8 @@ def stop(server: Server) -> None:
 
 
 def wrk(binary: str, script: str, url: str, concurrency: int, seconds: float) -> dict:
-    out = subprocess.run([binary, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", script, url],
+    out = subprocess.run([binary, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s", "-s", script,
+                          url],
                          capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
@@ -204,8 +205,8 @@ def in_process_limit(n: int, seconds: float) -> float:
     """Images/s of the service's own session settings and PNG encoding in a loop: no HTTP, no batching."""
     from service import imaging, sampling
     from service.config import Settings, available_cpus
-    from service.modelset import open_set
-    model = open_set(Settings(workers=1, intra_op_threads=available_cpus()), lambda model: None).models["cgan"]
+    from service.modelset import Loader, open_set
+    model = open_set(Loader.of(Settings(workers=1, intra_op_threads=available_cpus()))).models["cgan"]
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         z = sampling.latents(count, n, model.entry.latent_dim)
@@ -284,8 +285,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from service.config import Settings
-    from service.providers import plan
-    args.workers = args.workers or plan(Settings()).workers
+    from service.plan import make_plan
+    args.workers = args.workers or make_plan(Settings()).workers
     service_env = {"DIGITGEN_WORKERS": str(args.workers), "DIGITGEN_MODELS_DIR": str(ROOT / "exported"),
                    "DIGITGEN_GRPC_PORT": ""}  # "": a free port, chosen at start
     service = [sys.executable, "-m", "service"]
@@ -417,7 +418,8 @@ def main() -> None:
                          f"{memory['rps']:,.0f} req/s, {memory['errors']} errors (target < +10%)")
         print("\n".join(lines))
     machine = {"cpu": _cpu_name(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-               "onnxruntime": _version("onnxruntime-gpu") or _version("onnxruntime"), "uvicorn": _version("uvicorn"), "fastapi": _version("fastapi"),
+               "onnxruntime": _version("onnxruntime-gpu") or _version("onnxruntime"), "uvicorn": _version("uvicorn"),
+               "fastapi": _version("fastapi"),
                "uvloop": _version("uvloop"), "httptools": _version("httptools"), "workers": args.workers}
     print(f"machine: {json.dumps(machine)}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,9 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from train_throughput import our_loop  # noqa: E402  (run as a script from tests/benchmarks)
+
 from training.data import load_dataset
-from training.models import MODELS
 from training.trainers import train_config
 
 RESULTS = Path(__file__).parent / "results" / "train_settings.json"

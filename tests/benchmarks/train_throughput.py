@@ -9,7 +9,8 @@ The loops run side by side in interleaved rounds; the table gives each one's med
 With --compile, a fourth loop is ours with `--compile` (torch.compile of the steps' forwards), and the
 table adds its images/s, its gain over ours, and its compile time (the warm-up's extra seconds).
 
-    python tests/benchmarks/train_throughput.py [--rounds 3] [--batches 30] [--models cgan,vae (default: every family)] [--compile]
+    python tests/benchmarks/train_throughput.py [--rounds 3] [--batches 30] [--compile]
+        [--models cgan,vae (default: every family)]
 """
 
 from __future__ import annotations

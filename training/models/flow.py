@@ -31,8 +31,10 @@ class AffineCoupling(nn.Module):
             nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
             nn.Linear(hidden, 2 * moved),
         )
-        nn.init.zeros_(self.net[-1].weight)  # starts as the identity map
-        nn.init.zeros_(self.net[-1].bias)
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)  # starts as the identity map
+        nn.init.zeros_(last.bias)
 
     def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditioning half, moved half): the first half conditions unless flipped."""
@@ -84,6 +86,7 @@ class LatentFlow(nn.Module):
         u = (z - self.shift) * torch.exp(-self.log_scale)
         log_det = -self.log_scale.sum().expand(z.shape[0])
         for coupling in reversed(self.couplings):
+            assert isinstance(coupling, AffineCoupling)
             u, step = coupling.inverse(u, y)
             log_det = log_det + step
         normal = -0.5 * (u.pow(2).sum(dim=1) + u.shape[1] * math.log(2 * math.pi))

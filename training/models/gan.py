@@ -47,7 +47,10 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images in [-1, 1], the scale the discriminator sees."""
-        h = z if not self.num_classes else torch.cat([z, y], dim=1)
+        h = z
+        if self.num_classes:
+            assert y is not None, "a conditional generator needs the class vector y"
+            h = torch.cat([z, y], dim=1)
         return self.upsample(self.project(h))
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,6 +105,7 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """One logit (GAN) or score (WGAN critic) per image: [N]."""
         if self.num_classes:
+            assert y is not None, "a conditional discriminator needs the class vector y"
             planes = y[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # [N, classes, 28, 28]
             x = torch.cat([x, planes], dim=1)
         return self.net(x).squeeze(1)

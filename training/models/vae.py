@@ -123,7 +123,10 @@ class ConvVAE(VAE):
         self._build_prior(config)
 
     def _with_class(self, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return h if not self.num_classes else torch.cat([h, y], dim=1)
+        if not self.num_classes:
+            return h
+        assert y is not None, "a conditional VAE needs the class vector y"
+        return torch.cat([h, y], dim=1)
 
     def encode(self, x, y=None):
         return self.to_stats(self._with_class(self.features(x), y)).chunk(2, dim=1)

@@ -1,10 +1,10 @@
-"""What every model route (HTTP and gRPC) shares: the model set of this request, a model by name, and
-running a job on the model's batcher with the service's errors (404, 503 on a full queue, 504 past the timeout, 500 when
-the model or the encoding fails).
+"""How HTTP and gRPC reach a model: one lookup (the model set of this request, a model by name) and one
+`run` (the job on the model's queue, with the service's errors: 404, 503 on a full queue, 504 past the
+timeout, 500 when the model or the encoding fails).
 
 Plain functions rather than FastAPI `Depends`: dependency solving cost more than the rest of a request
 (service/queries.py). A route reads the set once and, with no await between, takes its model and submits
-to that model's batcher, so a reload swapping the set in between cannot split them.
+to that model's queue, so a reload swapping the set in between cannot split them.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 from fastapi import Request
 
-from service.batching import RETRY_AFTER_S, InferenceFailed, Inputs, QueueFull, RequestTimeout
 from service.config import Settings
 from service.errors import ApiError
 from service.modelset import ModelSet
-from service.registry import LoadedModel
+from service.runtime.batcher import BatcherClosed, InferenceFailed, QueueFull, RequestTimeout
+from service.runtime.model import ModelRuntime
+from service.runtime.model_queue import RETRY_AFTER_S, Inputs
 
 
 def model_set(request: Request) -> ModelSet:
@@ -28,7 +29,7 @@ def settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def model_for(models: ModelSet, name: str | None, endpoint: str) -> LoadedModel:
+def model_for(models: ModelSet, name: str | None, endpoint: str) -> ModelRuntime:
     """The named model, or the endpoint's default when `name` is None; 404 naming what is available."""
     name = name or models.default(endpoint)
     if name is None:
@@ -39,13 +40,14 @@ def model_for(models: ModelSet, name: str | None, endpoint: str) -> LoadedModel:
     return model
 
 
-async def run(models: ModelSet, model: LoadedModel, size: int, inputs: Inputs, finish: Callable[[Any], Any],
+async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, finish: Callable[[Any], Any],
               timeout_s: float, raw: bool = False) -> Any:
-    """Queue the job on the model's batcher (from `models`, the set the model came from) and await what
-    `finish` made of its output (a response; a message for gRPC)."""
+    """Queue the job on the model's queue (from `models`, the set the model came from) and await what
+    `finish` made of its output (a response; a message for gRPC). Cancelled (the client went away), the
+    future is cancelled with it and the job is dropped before it runs."""
     try:
-        future = models.batchers[model.name].submit(size, inputs, finish, raw, timeout_s)
-    except QueueFull as full:
+        future = models.queues[model.name].submit(size, inputs, finish, raw, timeout_s)
+    except (QueueFull, BatcherClosed) as full:
         raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
     try:
         return await future

@@ -9,12 +9,16 @@ size the service serves and keeps the CPU for the sizes where it wins.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import statistics
 import subprocess
 import time
 from typing import Callable
 
 import numpy as np
+
+from service.providers import CPU
 
 TIMING_RUNS = 5  # per session and batch size, after one untimed run; the median is kept
 
@@ -70,23 +74,20 @@ GPU_MEMORY_EVERY_S = 15.0
 
 
 async def watch(state, metrics, every_s: float = GPU_MEMORY_EVERY_S) -> None:
-    """While the worker runs: each model's device in /metrics, and, when any runs on CUDA, the GPU memory
-    this worker holds and that of the inference process its models use (service/gpu_process.py), read off
-    the event loop; state.gpu_memory_bytes, for /models, is their sum."""
-    import asyncio
-    import os
+    """While the worker runs and any model runs on CUDA: the GPU memory this worker holds and that of the
+    inference process its models use, read off the event loop; state.gpu_memory_bytes, for /models, is
+    their sum."""
     loop = asyncio.get_running_loop()
     while True:
-        models = state.models.models.values()
-        for model in models:
-            metrics.device.labels(model.name, model.provider, str(model.cpu_up_to)).set(1)
-        if any(model.cpu_session is not None for model in models):
-            own = await loop.run_in_executor(None, gpu_memory_bytes, os.getpid())
-            servers = {model.gpu_process_pid for model in models} - {None}
+        models = list(state.models.models.values())
+        own_cuda = any(model.local.provider != CPU for model in models)
+        servers = {model.placement.process_pid for model in models if model.placement.provider != CPU} - {None}
+        if own_cuda or servers:
+            own = await loop.run_in_executor(None, gpu_memory_bytes, os.getpid()) if own_cuda else 0
             shared = [await loop.run_in_executor(None, gpu_memory_bytes, pid) for pid in servers]
             if own is not None:
                 metrics.gpu_memory.set(own)
             if shared and None not in shared:
-                metrics.gpu_process_memory.set(sum(shared))
+                metrics.gpu_process_memory.set(sum(m for m in shared if m is not None))
             state.gpu_memory_bytes = None if own is None else own + sum(m for m in shared if m is not None)
         await asyncio.sleep(every_s)
