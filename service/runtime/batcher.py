@@ -44,7 +44,7 @@ class RequestTimeout(Exception):
     """The job was not answered before its deadline."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     size: int  # rows
     payload: Any  # what `run` stacks and `finish` answers from: the user's own
@@ -80,11 +80,13 @@ class Batcher:
     def __init__(self, name: str, run: Run, finish: Finish, deliver: Deliver, *, max_batch: int, max_queued: int,
                  max_wait_s: float = 0.0, threads: int = 1, offload: Executor | None = None,
                  inline: Callable[[list[Job], np.ndarray], bool] | None = None,
+                 prepare: Callable[[list[Job], np.ndarray], np.ndarray] | None = None,
                  watch: Callable[[np.ndarray], None] | None = None, observer: Observer | None = None):
         self.name, self.max_batch, self.max_queued, self.max_wait_s = name, max_batch, max_queued, max_wait_s
         self._run, self._finish, self._deliver_to = run, finish, deliver
         self._offload = offload  # finishes a batch's answers while the next batch runs
         self._inline = inline or (lambda batch, output: True)  # finish on the batch thread: cheaper than the hop
+        self._prepare = prepare or (lambda batch, output: output)  # once per batch, before the jobs' finish
         self._watch = watch  # sees every batch's output; must return at once
         self._observer = observer or Unobserved()
         self._jobs: deque[Job] = deque()
@@ -170,9 +172,11 @@ class Batcher:
         results: list[Any] | None = None
         try:
             now = time.monotonic()
-            waiting = [job for job in batch if not job.gone()]
-            live = [job for job in waiting if job.deadline > now]
-            expired = [job for job in waiting if job.deadline <= now]
+            expired: list[Job] = []
+            for job in batch:  # one pass: the usual batch has no job gone or late
+                if job.gone():
+                    continue
+                (live if job.deadline > now else expired).append(job)
             if expired:
                 self._deliver(expired, [RequestTimeout(f"model {self.name}: its deadline passed while it queued")]
                               * len(expired))
@@ -207,11 +211,13 @@ class Batcher:
             self._deliver(batch, results if results is not None else self._failed(batch, None))
 
     def _finish_all(self, batch: list[Job], output: np.ndarray) -> list[Any]:
-        """Each job's answer from its own rows; one job's failure is its own."""
+        """Each job's answer from its own rows; one job's failure is its own (a failure to prepare the batch's
+        rows is every job's)."""
+        rows = self._prepare(batch, output)
         results, start = [], 0
         for job in batch:
             try:
-                results.append(self._finish(job, output[start:start + job.size]))
+                results.append(self._finish(job, rows[start:start + job.size]))
             except Exception as err:
                 log.error("model %s: answering a request failed: %r", self.name, err)
                 results.append(InferenceFailed(f"model {self.name}: encoding the response failed: {err}"))

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 
@@ -34,12 +34,11 @@ Inputs = Callable[[], tuple[np.ndarray, "np.ndarray | None"]]
 Watch = Callable[[ModelRuntime, np.ndarray], None]  # (the model, its batch's output [N, 1, 28, 28])
 
 
-@dataclass(eq=False)
-class Request:
-    inputs: Inputs  # -> z [size, latent_dim], y [size, num_classes] or None; run on the batch thread
-    finish: Callable[[np.ndarray], Any]  # pixels [size, 28, 28] uint8 (or, raw, the model's output) -> response
-    raw: bool
-    future: asyncio.Future
+@dataclass(eq=False, slots=True)
+class Request(Job):
+    """A request's job: `payload` is its inputs callable, `waiter` its future."""
+    finish: Callable[[np.ndarray], Any] = repr  # pixels [size, 28, 28] uint8 (or, raw, the output) -> response
+    raw: bool = False
     timer: asyncio.TimerHandle | None = None
 
 
@@ -69,6 +68,7 @@ class ModelQueue:
         self.model = model
         self.batcher = Batcher(model.name, self._run, _finish, _deliver, max_batch=max_batch, max_wait_s=max_wait_s,
                                max_queued=max_queued, threads=threads, offload=encoder, inline=_inline,
+                               prepare=_pixels_once,
                                watch=(lambda output: watch(model, output)) if watch else None,
                                observer=Observed(metrics, model.name))
 
@@ -82,8 +82,8 @@ class ModelQueue:
         QueueFull or BatcherClosed when it cannot be queued."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        request = Request(inputs, finish, raw, future)
-        self.batcher.submit(Job(size, request, time.monotonic() + timeout_s, future.done, future))
+        request = Request(size, inputs, time.monotonic() + timeout_s, future.done, future, time.monotonic(), finish, raw)
+        self.batcher.submit(request)
         request.timer = loop.call_later(timeout_s, _expire, future, self.model.name, timeout_s)
         return future
 
@@ -93,19 +93,26 @@ class ModelQueue:
         self.model.close()
 
     def _run(self, jobs: list[Job]) -> np.ndarray:
-        zs, ys = zip(*(job.payload.inputs() for job in jobs))
+        zs, ys = zip(*(job.payload() for job in jobs))
         z = np.concatenate(zs) if len(jobs) > 1 else zs[0]
         y = None if ys[0] is None else np.concatenate(ys) if len(jobs) > 1 else ys[0]
         return self.model.run(z, y)
 
 
 def _inline(jobs: list[Job], output: np.ndarray) -> bool:
-    return len(output) <= INLINE_IMAGES or all(job.payload.raw for job in jobs)
+    return len(output) <= INLINE_IMAGES or all(cast(Request, job).raw for job in jobs)
+
+
+def _pixels_once(jobs: list[Job], output: np.ndarray) -> np.ndarray:
+    """The batch's pixels, converted once rather than per request, unless a raw (V2) request is in it."""
+    return output if any(cast(Request, job).raw for job in jobs) else imaging.to_uint8(output)
 
 
 def _finish(job: Job, rows: np.ndarray) -> Any:
-    request: Request = job.payload
-    return request.finish(rows if request.raw else imaging.to_uint8(rows))
+    request = cast(Request, job)  # this queue submits nothing else
+    if request.raw:
+        return request.finish(rows)
+    return request.finish(rows if rows.dtype == np.uint8 else imaging.to_uint8(rows))
 
 
 def _deliver(jobs: list[Job], results: list[Any]) -> None:
@@ -117,16 +124,16 @@ def _deliver(jobs: list[Job], results: list[Any]) -> None:
 
 
 def _set_results(jobs: list[Job], results: list[Any]) -> None:
-    for job, result in zip(jobs, results):
-        request: Request = job.payload
-        if request.timer is not None:
-            request.timer.cancel()
-        if request.future.done():  # timed out, or the client went away and the request was cancelled
+    for job, result in zip(cast(list[Request], jobs), results):
+        if job.timer is not None:
+            job.timer.cancel()
+        future = job.waiter
+        if future.done():  # timed out, or the client went away and the request was cancelled
             continue
         if isinstance(result, BaseException):
-            request.future.set_exception(result)
+            future.set_exception(result)
         else:
-            request.future.set_result(result)
+            future.set_result(result)
 
 
 def _expire(future: asyncio.Future, model: str, timeout_s: float) -> None:

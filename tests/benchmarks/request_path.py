@@ -75,9 +75,14 @@ def main() -> None:
     os.chdir(args.src)
     from service.app import create_app
     from service.config import Settings
-    from service.runtime.model import ModelRuntime
+    # where a model's run lives: the registry in trees before the runtime (asked by file: an editable install
+    # would import this tree's runtime into an older tree)
+    if (Path(args.src) / "service" / "registry.py").is_file():
+        from service.registry import LoadedModel as Model  # type: ignore[import-not-found]
+    else:
+        from service.runtime.model import ModelRuntime as Model  # type: ignore[no-redef]
     if not args.real:
-        ModelRuntime.run = lambda self, z, y: np.full((len(z), 1, 28, 28), 0.5, np.float32)
+        Model.run = lambda self, z, y: np.full((len(z), 1, 28, 28), 0.5, np.float32)  # type: ignore[method-assign]
     settings = {"quality_gate": False} if "quality_gate" in Settings.model_fields else {}  # a stub draws no digit
     app = create_app(Settings(models_dir=Path(args.src) / "exported", workers=1, intra_op_threads=1, **settings))
     import uvloop
