@@ -37,7 +37,8 @@ log = logging.getLogger("digitgen.app")
 VERSION = "0.1.0"
 HOT_PATHS = {"/sample", "/generate", "/interpolate", "/v2/models/{name}/infer",
              "/v2/models/{name}/versions/{version}/infer"}
-EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Truncation", "ETag", openinference.HEADER_LENGTH]
+EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Truncation", "ETag",
+                   openinference.HEADER_LENGTH]
 
 
 def create_app(settings: Settings | None = None, plan: Plan | None = None, warm: bool = True,
@@ -102,7 +103,7 @@ def lifespan_of(settings: Settings, plan: Plan, metrics: Metrics, keys: dict[str
         app.state.models = open_set(loader)
         log.info("serving %d model(s): %s", len(app.state.models.models), ", ".join(app.state.models.models) or "none")
         app.state.reloader = reloader = Reloader(app.state, loader, metrics)
-        attacher = Attacher(plan.inference_socket, lambda: app.state.models.models.values(),
+        attacher = Attacher(plan.inference_socket, lambda: app.state.models.versions.values(),
                             max(settings.max_n, settings.batch_max_size)) if plan.inference_socket else None
         warming = None
         if on_ready is not None:

@@ -3,9 +3,10 @@ parameters, so it gets a strong ETag; a revalidation that matches is a 304 answe
 model. Requests without a seed draw a new one each time: no-store.
 
 How long and where a seeded response may be kept (RFC 9111):
-- a request that names its model is immutable for a year; one that omits `model` is answered by the
-  default model, which a reload can change, so it may be reused for a minute and then revalidated (a 304
-  while nothing changed);
+- a request that pins a version (`version=`) names an immutable file, so its answer is immutable for a
+  year, and its ETag never changes for that URL; one that names only the model (or none) is answered by
+  whichever version the manifest serves now, which a reload can change, so it may be reused for a minute
+  and then revalidated (a 304 while nothing changed). Every answer names its version (X-Model-Version);
 - with API keys on, only the client's own cache may keep it (`private`): a shared cache (a CDN, a
   corporate proxy) must not hand a keyed image to a client without a key.
 """
@@ -15,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-PINNED = "max-age=31536000, immutable"  # the model is named: the response never changes
-DEFAULT_MODEL = "max-age=60"  # the default model answered: a reload may change which one it is
+PINNED = "max-age=31536000, immutable"  # the version is named: the response never changes
+UNPINNED = "max-age=60"  # whichever version is served now answered: a reload may change it
 UNSEEDED = "no-store"
 # Part of every ETag: a change to how a seed becomes z or how images are encoded must change the tags.
 ENCODING_VERSION = "1"
@@ -38,7 +39,7 @@ def matches(if_none_match: str | None, tag: str) -> bool:
     return "*" in candidates or tag in candidates
 
 
-def cache_control(named_model: bool, keyed: bool) -> str:
+def cache_control(pinned: bool, keyed: bool) -> str:
     """Cache-Control of a seeded response."""
-    return f"{'private' if keyed else 'public'}, {PINNED if named_model else DEFAULT_MODEL}"
+    return f"{'private' if keyed else 'public'}, {PINNED if pinned else UNPINNED}"
 

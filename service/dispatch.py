@@ -29,11 +29,20 @@ def settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def model_for(models: ModelSet, name: str | None, endpoint: str) -> ModelRuntime:
-    """The named model, or the endpoint's default when `name` is None; 404 naming what is available."""
+def model_for(models: ModelSet, name: str | None, endpoint: str, version: str | None = None) -> ModelRuntime:
+    """The named model (a pinned version of it when `version` is given), or the endpoint's default when
+    `name` is None; 404 naming what is available."""
     name = name or models.default(endpoint)
     if name is None:
         raise ApiError(503, f"no model loaded that can serve /{endpoint}")
+    if version is not None:
+        pinned = models.version(name, version)
+        if pinned is None:
+            known = [m.entry.version for m in models.versions_of(name)]
+            if not known and name not in models.models:
+                raise ApiError(404, f"model {name!r} not found{models.unavailable(name)}")
+            raise ApiError(404, f"model {name!r} has no version {version!r}; its versions: {', '.join(known) or 'none'}")
+        return pinned
     model = models.models.get(name)
     if model is None:
         raise ApiError(404, f"model {name!r} not found{models.unavailable(name)}")
@@ -46,7 +55,7 @@ async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, 
     `finish` made of its output (a response; a message for gRPC). Cancelled (the client went away), the
     future is cancelled with it and the job is dropped before it runs."""
     try:
-        future = models.queues[model.name].submit(size, inputs, finish, raw, timeout_s)
+        future = models.queues[model.key].submit(size, inputs, finish, raw, timeout_s)
     except (QueueFull, BatcherClosed) as full:
         raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
     try:

@@ -57,7 +57,9 @@ class Servicer:
         return messages.ServerMetadataResponse(name=self.title, version=self.version, extensions=["binary_tensor_data"])
 
     async def ModelMetadata(self, request, context):
-        metadata = wire.model_metadata(_model(self.state.models, request.name, request.version).entry)
+        models = self.state.models
+        model = _model(models, request.name, request.version)
+        metadata = wire.model_metadata(model.entry, [m.entry.version for m in models.versions_of(model.name)])
         return messages.ModelMetadataResponse(**metadata)
 
     async def ModelInfer(self, request, context):
@@ -67,7 +69,7 @@ class Servicer:
         z, y, _, request_id = wire.parse_infer(header, binary, model.entry, settings.max_n)
 
         def finish(output):
-            return wire.grpc_infer_response(output, model.name, request_id, messages)
+            return wire.grpc_infer_response(output, model.name, model.entry.version, request_id, messages)
         left = context.time_remaining()  # the client's deadline, when it set one: the job expires with it
         timeout = settings.request_timeout_s if left is None else max(0.0, min(settings.request_timeout_s, left))
         return await dispatch.run(models, model, len(z), lambda: (z, y), finish, timeout, raw=True)
@@ -76,10 +78,7 @@ class Servicer:
 def _model(models, name: str, version: str):
     if not name:
         raise ApiError(400, "a model name is required")
-    model = dispatch.model_for(models, name, "sample")
-    if version not in ("", wire.VERSION):
-        raise ApiError(404, f"model {name!r} has no version {version!r}; its only version is {wire.VERSION}")
-    return model
+    return dispatch.model_for(models, name, "sample", None if version in ("", wire.LEGACY_VERSION) else version)
 
 
 def _handler(servicer: Servicer, name: str) -> grpc.RpcMethodHandler:

@@ -68,7 +68,7 @@ class LiveQuality:
 
     def _judge_of(self, model: ModelRuntime) -> Judge | None:
         current = self._current()
-        if current.models.get(model.name) is not model:  # replaced or removed since: its rows are stale
+        if current.versions.get(model.key) is not model:  # replaced or removed since: its rows are stale
             return None
         judge = current.manifest.judge_for(model.entry)
         return current.judges.loaded.get(judge.name) if judge else None

@@ -4,18 +4,26 @@
 training summary and evaluation metrics, and names the default model of each endpoint; optionally the
 judges (the calibrated evaluators as ONNX files) and, per model, the figures its judge recorded, which
 the service's quality gate checks. Pure pydantic: the service imports it without torch.
+
+Versions (schema 2): a model name may list several versions, each an immutable file named by its content
+(`<name>/<version>.onnx`, the version the first 12 hex digits of its sha256); `rollouts` names the
+version each model serves when a request does not pin one. A schema 1 manifest (one file per name, no
+versions) reads as before: each entry's version is derived from its sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+VERSION_DIGITS = 12  # of the sha256: a version names the file's content
+MODEL_NAME = r"[a-z0-9][a-z0-9_-]*"  # what a model's name may be (and at most 64 characters)
 MANIFEST_NAME = "manifest.json"
 ENDPOINTS = ("sample", "generate", "interpolate")
 
@@ -54,7 +62,7 @@ class QualityFigures(_Strict):
 class JudgeEntry(_Strict):
     """A calibrated classifier of one kind of data, exported with its temperature folded in:
     input `image` float32 [N, 1, 28, 28] in [0, 1], output `probabilities` float32 [N, classes]."""
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    name: str = Field(pattern=rf"^{MODEL_NAME}$", max_length=64)
     kind: str = Field(description="the kind of data it judges: digits, fashion")
     datasets: list[str] = Field(description="the datasets whose models it judges")
     file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$", description="ONNX file beside the manifest")
@@ -69,14 +77,16 @@ class JudgeEntry(_Strict):
 
 
 class ModelEntry(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", max_length=64)
+    name: str = Field(pattern=rf"^{MODEL_NAME}$", max_length=64)
     family: str = Field(description="the training family: vae, vae-dense, cvae, gan, cgan, wgan, wgan-clip")
     conditional: bool
     latent_dim: int = Field(ge=1)
     num_classes: int = Field(ge=0, description="length of the y input; 0 for unconditional models")
     class_names: list[str] = Field(description="what each index of y means; the dataset's classes")
     image_shape: tuple[int, int, int] = (1, 28, 28)
-    file: str = Field(pattern=r"^[A-Za-z0-9_.-]+\.onnx$", description="ONNX file beside the manifest")
+    file: str = Field(pattern=r"^([A-Za-z0-9_-][A-Za-z0-9_.-]*/)?[A-Za-z0-9_-][A-Za-z0-9_.-]*\.onnx$",
+                      description="ONNX file under the manifest's folder: <name>/<version>.onnx (or, before versions, "
+                                  "<name>.onnx)")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     opset: int = Field(ge=1)
     dataset: str
@@ -88,11 +98,35 @@ class ModelEntry(_Strict):
 
     @model_serializer(mode="wrap")
     def _without_quality(self, write) -> dict:
-        """No `quality` key for a model without figures, as before they existed."""
+        """No `quality` key for a model without figures, as before they existed; the version written beside
+        the sha256 it comes from, for readers of the file."""
         data = write(self)
         if self.quality is None:
             data.pop("quality", None)
+        data["version"] = self.version
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_is_the_content(cls, data):
+        """A written `version` must be its sha256's (a hand edit that disagrees is refused); it is not kept:
+        `version` is always derived, so no copy with another sha256 can carry a stale one."""
+        if isinstance(data, dict) and "version" in data:
+            data = dict(data)
+            version, sha256 = data.pop("version"), str(data.get("sha256", ""))
+            if re.fullmatch(r"[0-9a-f]{64}", sha256) and version != sha256[:VERSION_DIGITS]:  # else sha256 is named
+                raise ValueError(f"version {version} is not its file's: sha256 {sha256[:VERSION_DIGITS]}...")
+        return data
+
+    @property
+    def version(self) -> str:
+        """The first 12 hex digits of the file's sha256: a version names the file's content."""
+        return self.sha256[:VERSION_DIGITS]
+
+    @property
+    def key(self) -> str:
+        """name@version: one version of one model, as the service's queues and logs name it."""
+        return f"{self.name}@{self.version}"
 
     @model_validator(mode="after")
     def _classes_agree(self) -> ModelEntry:
@@ -109,9 +143,16 @@ class Defaults(_Strict):
     interpolate: str | None = None
 
 
+class Rollout(_Strict):
+    """Which version of a model serves the requests that do not pin one."""
+    default: str = Field(pattern=r"^[0-9a-f]{12}$")
+
+
 class Manifest(_Strict):
-    schema_version: Literal[1] = 1  # SCHEMA_VERSION
-    models: list[ModelEntry] = Field(default_factory=list)
+    schema_version: Literal[1, 2] = 2  # SCHEMA_VERSION
+    models: list[ModelEntry] = Field(default_factory=list, description="every version of every model")
+    rollouts: dict[str, Rollout] = Field(default_factory=dict, description="per model name with several versions: "
+                                                                           "the one unpinned requests get")
     defaults: Defaults = Field(default_factory=Defaults)
     judges: list[JudgeEntry] = Field(default_factory=list)
 
@@ -134,10 +175,20 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _names_resolve(self) -> Manifest:
-        names = [m.name for m in self.models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        keys = [m.key for m in self.models]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+            raise ValueError(f"each version of a model is listed once; repeated: {', '.join(duplicates)}")
+        names = [m.name for m in self.models]
+        if self.schema_version == 1 and len(set(names)) != len(names):
+            raise ValueError("model names must be unique (schema_version 2 lists several versions of a name)")
+        for name, rollout in self.rollouts.items():
+            if f"{name}@{rollout.default}" not in keys:
+                raise ValueError(f"rollouts.{name}.default names version {rollout.default}, which is not among "
+                                 f"{name}'s versions")
+        several = sorted({n for n in names if names.count(n) > 1} - set(self.rollouts))
+        if several:
+            raise ValueError(f"{', '.join(several)}: several versions and no rollouts entry naming the default")
         for endpoint in ENDPOINTS:
             name = getattr(self.defaults, endpoint)
             if name is None:
@@ -149,10 +200,19 @@ class Manifest(_Strict):
         return self
 
     def model(self, name: str) -> ModelEntry:
+        """The version of `name` unpinned requests get."""
+        rollout = self.rollouts.get(name)
         for entry in self.models:
-            if entry.name == name:
+            if entry.name == name and (rollout is None or entry.version == rollout.default):
                 return entry
         raise KeyError(name)
+
+    def versions(self, name: str) -> list[ModelEntry]:
+        return [entry for entry in self.models if entry.name == name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(entry.name for entry in self.models))
 
     def judge_for(self, entry: ModelEntry) -> JudgeEntry | None:
         """The judge of the model's data: the one its figures name, else the one listing its dataset."""
@@ -160,33 +220,45 @@ class Manifest(_Strict):
         return next((j for j in self.judges if j.name == name or (name is None and entry.dataset in j.datasets)),
                     None)
 
-    def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = ()) -> Manifest:
-        """A copy with `entry` replacing the model of the same name (or appended), defaults updated."""
-        models = [m for m in self.models if m.name != entry.name] + [entry]
+    def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = (), serve: bool = True) -> Manifest:
+        """A copy with `entry` added as a version of its model (the same version replaced), the endpoint
+        defaults updated; `serve`: it becomes the version unpinned requests get (else the current one stays)."""
+        models = [m for m in self.models if m.key != entry.key] + [entry]
         defaults = self.defaults.model_copy(update={e: entry.name for e in default_for})
-        return self._with(models, defaults, self.judges)
+        rollouts = dict(self.rollouts)
+        if serve or entry.name not in self.names:
+            rollouts[entry.name] = Rollout(default=entry.version)
+        elif entry.name not in rollouts:  # the version served until now stays, named now that there are two
+            rollouts[entry.name] = Rollout(default=self.model(entry.name).version)
+        return self._with(models, defaults, self.judges, rollouts)
 
     def upsert_judge(self, judge: JudgeEntry, models: list[ModelEntry]) -> Manifest:
         """A copy with `judge` replacing the judge of the same name (or appended), and `models` replacing
         theirs: the models it judges, measured again with its new file."""
         judges = [j for j in self.judges if j.name != judge.name] + [judge]
-        changed = {m.name: m for m in models}
-        return self._with([changed.get(m.name, m) for m in self.models], self.defaults, judges)
+        changed = {m.key: m for m in models}
+        return self._with([changed.get(m.key, m) for m in self.models], self.defaults, judges)
 
-    def _with(self, models: list[ModelEntry], defaults: Defaults, judges: list[JudgeEntry]) -> Manifest:
-        data = {"schema_version": self.schema_version,
-                "models": [m.model_dump() for m in sorted(models, key=lambda m: m.name)],
-                "defaults": defaults.model_dump()}
+    def _with(self, models: list[ModelEntry], defaults: Defaults, judges: list[JudgeEntry],
+              rollouts: dict[str, Rollout] | None = None) -> Manifest:
+        rollouts = self.rollouts if rollouts is None else rollouts
+        data: dict = {"schema_version": SCHEMA_VERSION,
+                      "models": [m.model_dump() for m in sorted(models, key=lambda m: m.name)],
+                      "defaults": defaults.model_dump()}
+        if rollouts:
+            data["rollouts"] = {name: r.model_dump() for name, r in sorted(rollouts.items())}
         if judges:
             data["judges"] = [j.model_dump() for j in sorted(judges, key=lambda j: j.name)]
         return Manifest.model_validate(data)
 
     @model_serializer(mode="wrap")
     def _without_judges(self, write) -> dict:
-        """No `judges` key when there are none: a manifest from before them writes back as it was."""
+        """No `judges` (or `rollouts`) key when there are none: a manifest from before them writes back as it was."""
         data = write(self)
         if not self.judges:
             data.pop("judges", None)
+        if not self.rollouts:
+            data.pop("rollouts", None)
         return data
 
     def to_json(self) -> str:

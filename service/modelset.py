@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from service.config import Settings
-from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest
+from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest, sha256_of
 from service.plan import Plan, make_plan
 from service.quality import NO_JUDGES, GateResult, Judges, open_judges, screen
 from service.runtime.model import ModelRuntime, OnChange, open_model
@@ -80,13 +80,20 @@ def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
 @dataclass(frozen=True)
 class ModelSet:
     manifest: Manifest
-    models: Mapping[str, ModelRuntime]
-    queues: Mapping[str, ModelQueue]
-    failures: Mapping[str, str] = field(default_factory=dict)  # model name -> why it is not in this set
+    models: Mapping[str, ModelRuntime]  # name -> the version unpinned requests get
+    queues: Mapping[str, ModelQueue]  # name@version -> its queue
+    failures: Mapping[str, str] = field(default_factory=dict)  # name (or name@version) -> why it is left out
     warmed: bool = False
     max_body_bytes: int = BODY_HEADROOM_BYTES
     judges: Judges = field(default_factory=Judges)  # opened with the warm-up
-    gated: Mapping[str, GateResult | None] = field(default_factory=dict)  # model -> what its gate measured
+    gated: Mapping[str, GateResult | None] = field(default_factory=dict)  # name@version -> what its gate measured
+    versions: Mapping[str, ModelRuntime] = field(default_factory=dict)  # name@version -> every version loaded
+
+    def version(self, name: str, version: str) -> ModelRuntime | None:
+        return self.versions.get(f"{name}@{version}")
+
+    def versions_of(self, name: str) -> list[ModelRuntime]:
+        return [m for m in self.versions.values() if m.name == name]
 
     @property
     def ready(self) -> bool:
@@ -112,28 +119,42 @@ class ModelSet:
         return f"{why}; available: {', '.join(self.models) or 'none'}"
 
 
-def _make(manifest: Manifest, models: dict[str, ModelRuntime], queues: Mapping[str, ModelQueue | None],
+def _make(manifest: Manifest, runtimes: dict[str, ModelRuntime], queues: Mapping[str, ModelQueue | None],
           failures: dict[str, str], warmed: bool, settings: Settings, judges: Judges = NO_JUDGES,
           gated: dict[str, GateResult | None] | None = None) -> ModelSet:
-    served = {name: queue for name, queue in queues.items() if queue is not None}
-    return ModelSet(manifest, MappingProxyType(models), MappingProxyType(served), MappingProxyType(failures),
-                    warmed, body_limit([m.entry for m in models.values()], settings), judges,
-                    MappingProxyType(gated or {}))
+    """The set: `runtimes` and `queues` by name@version; a model is served unpinned by its rollout's version
+    when that one loaded (else the name is left out, with its reason)."""
+    models = {}
+    for name in manifest.names:
+        served = runtimes.get(manifest.model(name).key)
+        if served is not None:
+            models[name] = served
+        elif name not in failures:
+            failures[name] = failures.get(manifest.model(name).key, "its served version did not load")
+    served_queues = {key: queue for key, queue in queues.items() if queue is not None}
+    return ModelSet(manifest, MappingProxyType(models), MappingProxyType(served_queues), MappingProxyType(failures),
+                    warmed, body_limit([m.entry for m in runtimes.values()], settings), judges,
+                    MappingProxyType(gated or {}), MappingProxyType(runtimes))
 
 
 def open_set(loader: Loader) -> ModelSet:
     """Start-up's set: every model of the manifest that opens and passes its checks, not yet warmed. A
     manifest that cannot be read raises ManifestError (nothing to serve: start-up stops)."""
     manifest = load_manifest(loader.models_dir)
-    models, failures = {}, {}
+    runtimes, failures = {}, {}
     for entry in manifest.models:
         try:
-            models[entry.name] = loader.open(entry)
+            runtimes[entry.key] = loader.open(entry)
         except ModelFileError as err:
-            failures[entry.name] = str(err)
-            log.error("model %s left out: %s", entry.name, err)
-    return _make(manifest, models, {n: loader.make_queue(m) for n, m in models.items()}, failures, False,
+            failures[_failure_key(manifest, entry)] = str(err)
+            log.error("model %s left out: %s", entry.key, err)
+    return _make(manifest, runtimes, {k: loader.make_queue(m) for k, m in runtimes.items()}, failures, False,
                  loader.settings)
+
+
+def _failure_key(manifest: Manifest, entry: ModelEntry) -> str:
+    """Where a version that failed is reported: under its name when it is the one served unpinned."""
+    return entry.name if manifest.model(entry.name).key == entry.key else entry.key
 
 
 def warm(model: ModelRuntime, sizes: tuple[int, ...], judges: Judges, settings: Settings
@@ -152,18 +173,18 @@ def warm(model: ModelRuntime, sizes: tuple[int, ...], judges: Judges, settings: 
 def warmed_set(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
     """The set with its judges opened, every model warmed and gated, and those that failed left out; and
     the queues of those left out, for the caller to close. Blocking: call it off the event loop."""
-    models, queues, failures = dict(current.models), dict(current.queues), dict(current.failures)
+    runtimes, queues, failures = dict(current.versions), dict(current.queues), dict(current.failures)
     judges = loader.judges(current.manifest)
     retired, gated = [], {}
-    for name, model in current.models.items():
-        reason, gated[name] = warm(model, sizes, judges, loader.settings)
+    for key, model in current.versions.items():
+        reason, gated[key] = warm(model, sizes, judges, loader.settings)
         if reason:
-            log.error("model %s left out: %s", name, reason)
-            failures[name] = reason
-            del models[name]
-            if name in queues:
-                retired.append(queues.pop(name))
-    return _make(current.manifest, models, queues, failures, True, loader.settings, judges, gated), retired
+            log.error("model %s left out: %s", key, reason)
+            failures[_failure_key(current.manifest, model.entry)] = reason
+            del runtimes[key]
+            if key in queues:
+                retired.append(queues.pop(key))
+    return _make(current.manifest, runtimes, queues, failures, True, loader.settings, judges, gated), retired
 
 
 def successor(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
@@ -179,28 +200,43 @@ def successor(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tupl
     if not manifest.models:
         raise ReloadError("manifest", "it lists no models")
     judges = loader.judges(manifest, current.judges)
-    models: dict[str, ModelRuntime] = {}
+    runtimes: dict[str, ModelRuntime] = {}
     fresh: dict[str, ModelRuntime] = {}
     gated: dict[str, GateResult | None] = {}
     try:
         for entry in manifest.models:
-            kept = current.models.get(entry.name)
+            kept = current.versions.get(entry.key)
             if kept is not None and kept.entry == entry:
-                models[entry.name], gated[entry.name] = kept, current.gated.get(entry.name)
+                _still_on_disk(loader.models_dir, entry, _failure_key(manifest, entry))
+                runtimes[entry.key], gated[entry.key] = kept, current.gated.get(entry.key)
                 continue
+            what = _failure_key(manifest, entry)
             try:
-                model = fresh[entry.name] = loader.open(entry)
+                model = fresh[entry.key] = loader.open(entry)
             except ModelFileError as err:
-                raise ReloadError(entry.name, str(err)) from None
-            reason, gated[entry.name] = warm(model, sizes, judges, loader.settings)
+                raise ReloadError(what, str(err)) from None
+            reason, gated[entry.key] = warm(model, sizes, judges, loader.settings)
             if reason:
-                raise ReloadError(entry.name, reason)
-            models[entry.name] = model
+                raise ReloadError(what, reason)
+            runtimes[entry.key] = model
     except ReloadError:
         for model in fresh.values():  # what they hold in the inference process goes now, not at GC
             model.close()
         raise
-    queues = {name: current.queues[name] if name not in fresh else loader.make_queue(model)
-              for name, model in models.items()}
-    retired = [q for name, q in current.queues.items() if queues.get(name) is not q]
-    return _make(manifest, models, queues, {}, True, loader.settings, judges, gated), retired
+    queues = {key: current.queues[key] if key not in fresh else loader.make_queue(model)
+              for key, model in runtimes.items()}
+    retired = [q for key, q in current.queues.items() if queues.get(key) is not q]
+    return _make(manifest, runtimes, queues, {}, True, loader.settings, judges, gated), retired
+
+
+def _still_on_disk(models_dir: Path, entry: ModelEntry, what: str) -> None:
+    """A kept version's file is checked again at a reload: one emptied or replaced since is caught now,
+    not later by a worker that opens it."""
+    path = models_dir / entry.file
+    try:
+        actual = sha256_of(path)
+    except OSError as err:
+        raise ReloadError(what, f"{path} cannot be read: {err.strerror or err}") from None
+    if actual != entry.sha256:
+        raise ReloadError(what, f"{path} changed on disk since it was loaded (sha256 {actual[:12]}..., the "
+                                     f"manifest says {entry.sha256[:12]}...)")

@@ -20,7 +20,6 @@ from service.errors import ApiError
 from service.manifest import ModelEntry
 
 PLATFORM = "onnxruntime_onnx"
-VERSION = "1"  # each model has one version: the file the manifest names
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUT = "image"
 ONE_HOT_TOLERANCE = 1e-4  # y rows must sum to 1 within this (float32 blends of one-hots)
@@ -129,13 +128,19 @@ def request_body_doc() -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
+# Before versions every model answered as version "1": a client that still asks for it gets the version the
+# model serves unpinned (the answer then names the real one).
+LEGACY_VERSION = "1"
+
+
 # --- parsing and validation ---------------------------------------------------------------------------
 
-def model_metadata(entry: ModelEntry) -> dict:
+def model_metadata(entry: ModelEntry, versions: list[str]) -> dict:
+    """The model's metadata: `versions`, every version served (the manifest's content-derived versions)."""
     inputs = [{"name": "z", "datatype": "FP32", "shape": [-1, entry.latent_dim]}]
     if entry.conditional:
         inputs.append({"name": "y", "datatype": "FP32", "shape": [-1, entry.num_classes]})
-    return {"name": entry.name, "versions": [VERSION], "platform": PLATFORM, "inputs": inputs,
+    return {"name": entry.name, "versions": versions, "platform": PLATFORM, "inputs": inputs,
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, *entry.image_shape]}]}
 
 
@@ -281,12 +286,12 @@ def _binary_output(header: dict) -> bool:
     return binary
 
 
-def infer_response(output: np.ndarray, model: str, request_id: str | None, binary: bool) -> Response:
+def infer_response(output: np.ndarray, model: str, version: str, request_id: str | None, binary: bool) -> Response:
     """The protocol's response: the output tensor as JSON data or as binary data after the JSON header.
     Runs on an encode thread."""
     output = np.ascontiguousarray(output, dtype="<f4")
     tensor: dict[str, Any] = {"name": OUTPUT, "datatype": "FP32", "shape": list(output.shape)}
-    body: dict[str, Any] = {"model_name": model, "model_version": VERSION}
+    body: dict[str, Any] = {"model_name": model, "model_version": version}
     if request_id is not None:
         body["id"] = request_id
     if not binary:
@@ -321,11 +326,11 @@ def grpc_header(request) -> tuple[dict, bytes]:
     return header, b"".join(raw)
 
 
-def grpc_infer_response(output: np.ndarray, model: str, request_id: str | None, messages) -> Any:
+def grpc_infer_response(output: np.ndarray, model: str, version: str, request_id: str | None, messages) -> Any:
     """The ModelInferResponse: the output tensor's metadata and its bytes in raw_output_contents (what
     Triton answers over gRPC). Runs on an encode thread."""
     output = np.ascontiguousarray(output, dtype="<f4")
-    response = messages.ModelInferResponse(model_name=model, model_version=VERSION, id=request_id or "")
+    response = messages.ModelInferResponse(model_name=model, model_version=version, id=request_id or "")
     tensor = response.outputs.add(name=OUTPUT, datatype="FP32")
     tensor.shape.extend(output.shape)
     response.raw_output_contents.append(output.tobytes())

@@ -81,6 +81,10 @@ def query_models(settings: Settings) -> tuple[type[QueryModel], type[QueryModel]
     class Common(QueryModel):
         model: str | None = Field(None, description="model name (GET /models); omitted: the manifest's default "
                                                     "for this endpoint")
+        version: str | None = Field(None, pattern=r"^[0-9a-f]{12}$",
+                                    description="one version of the model (GET /models/{name} lists them): the "
+                                                "answer for a seed never changes, and is cached for a year. "
+                                                "Omitted: the version the model serves now (X-Model-Version)")
         seed: int | None = Field(None, ge=0, le=sampling.MAX_SEED, description=seed_description)
         scale: int = Field(1, ge=1, le=settings.max_scale,
                            description=f"integer upscaling of each 28x28 image, nearest neighbour, "

@@ -85,7 +85,7 @@ class Reloader:
             self.failure = None
             self.metrics.reloads.labels("ok").inc()
         await self._retire(retired)
-        changed = [n for n, m in new.models.items() if old.models.get(n) is not m]
+        changed = [k for k, m in new.versions.items() if old.versions.get(k) is not m]
         log.info("reloaded: %d model(s) (%s new or changed, %d retired): %s", len(new.models),
                  ", ".join(changed) or "none", len(retired), ", ".join(new.models))
         return True

@@ -50,10 +50,11 @@ def config_pbtxt(entry: ModelEntry, max_batch_size: int, gpu: bool) -> str:
 
 
 def write_repository(models_dir: Path, out: Path, max_batch_size: int, gpu: bool = False) -> list[str]:
-    """Write every manifest model into `out` (replacing earlier versions of them); their names."""
+    """Write every manifest model, the version it serves unpinned, into `out` (replacing earlier versions of
+    them); their names."""
     manifest = load_manifest(models_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for entry in manifest.models:
+    for entry in [manifest.model(name) for name in manifest.names]:
         source = models_dir / entry.file
         if not source.is_file() or sha256_of(source) != entry.sha256:
             raise RepositoryError(f"{source}: missing, or its sha256 differs from the manifest's")

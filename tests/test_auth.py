@@ -78,10 +78,13 @@ def test_metrics_count_requests_per_key_name_never_the_key(client, caplog):
 
 
 @pytest.mark.parametrize("params, cache_control", [
-    ({"model": "gan", "seed": 4}, "private, max-age=31536000, immutable"),
-    ({"seed": 4}, "private, max-age=60"),  # the default model: a reload may change it
+    ({"model": "gan", "seed": 4, "version": "pinned"}, "private, max-age=31536000, immutable"),
+    ({"model": "gan", "seed": 4}, "private, max-age=60"),  # the version served now: a reload may change it
+    ({"seed": 4}, "private, max-age=60"),  # the default model likewise
 ])
 def test_keyed_seeded_responses_are_private_so_no_shared_cache_keeps_them(client, params, cache_control):
+    if params.get("version") == "pinned":
+        params = params | {"version": client.app.state.models.models["gan"].entry.version}
     first = client.get("/sample", params=params, headers={"X-API-Key": KEY})
     assert first.status_code == 200 and first.headers["cache-control"] == cache_control
     again = client.get("/sample", params=params, headers={"X-API-Key": KEY, "If-None-Match": first.headers["etag"]})

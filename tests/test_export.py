@@ -4,6 +4,7 @@ same checks on every bundled file in exported/."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,31 @@ def test_export_run_writes_file_pictures_and_manifest(tiny_runs, tmp_path, evalu
     assert vae.metrics["val_elbo"] < 0 and "conditional_accuracy" not in vae.metrics
     for name in ("tiny-cgan.png", "tiny-cgan-progress.gif", "tiny-vae.png"):
         assert (out / name).stat().st_size > 0
+    assert cgan.file == f"tiny-cgan/{cgan.version}.onnx"  # named by its content, in its model's folder
+
+
+def test_an_export_adds_a_version_and_never_writes_over_a_served_file(tiny_runs, tmp_path, evaluator_dir,
+                                                                       few_digits):
+    out = tmp_path / "exported"
+    first = export.export_run(tiny_runs["cgan"], "m", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None)
+    served = (out / first.file).read_bytes()
+    config, mconfig = tiny_setup("cgan", epochs=1, seed=1)  # another run of the same model: a new version
+    train(config, mconfig, tmp_path / "again", progress=False, data=few_digits, log=lambda *_: None)
+    second = export.export_run(tmp_path / "again", "m", out, samples=100, evaluator_dir=evaluator_dir,
+                               log=lambda *_: None)
+    assert second.version != first.version and (out / first.file).read_bytes() == served
+    manifest = load_manifest(out)
+    assert [e.version for e in manifest.versions("m")] == [first.version, second.version]
+    assert manifest.model("m") == second and sorted(p.name for p in (out / "m").iterdir()) == \
+        sorted([f"{first.version}.onnx", f"{second.version}.onnx"])  # nothing half-written left behind
+
+
+def test_a_bad_name_is_refused_before_any_work(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(export.ExportError, match="--name 'My_CGAN'"):
+        export.export_run(tmp_path / "no-such-run", "My_CGAN", tmp_path / "exported")
+    assert time.monotonic() - started < 1 and not (tmp_path / "exported").exists()
 
 
 def test_cli_errors_name_the_run(tmp_path, capsys):

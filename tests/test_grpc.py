@@ -20,6 +20,7 @@ from onnx_fixtures import write_models_dir
 from service.app import create_app
 from service.auth import new_key
 from service.config import Settings
+from service.manifest import load_manifest
 
 tritongrpc = pytest.importorskip("tritonclient.grpc")  # the dev extra
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
@@ -61,7 +62,8 @@ def test_tritonclient_grpc_health_metadata_and_infer(service, models_dir):
     expected = ort.InferenceSession(str(models_dir / "cgan.onnx")).run(["image"], {"z": z, "y": y})[0]
     result = client.infer("cgan", infer_inputs(z, y), request_id="r-1",
                           outputs=[tritongrpc.InferRequestedOutput("image")])
-    assert result.get_response().id == "r-1" and result.get_response().model_version == "1"
+    served = load_manifest(models_dir).model("cgan").version
+    assert result.get_response().id == "r-1" and result.get_response().model_version == served
     np.testing.assert_allclose(result.as_numpy("image"), expected, atol=1e-5)
     client.close()
 

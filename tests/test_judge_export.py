@@ -55,7 +55,7 @@ def test_export_lists_the_judge_and_records_figures_the_gate_reproduces(tiny_cga
     assert entry.quality.conditional_accuracy == entry.metrics["conditional_accuracy"]  # the same judge, in ONNX
     settings = Settings(models_dir=out, intra_op_threads=1)
     warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
-    assert dict(warmed.failures) == {} and warmed.gated["tiny-cgan"].samples == 400
+    assert dict(warmed.failures) == {} and warmed.gated[warmed.models["tiny-cgan"].key].samples == 400
     again = quality.gate(warmed.models["tiny-cgan"], warmed.judges.loaded["digits"], entry.quality)
     assert dict(again.measured) == pytest.approx(entry.quality.model_dump(include=set(quality.FIGURES)), abs=1e-6)
 

@@ -86,7 +86,9 @@ def scramble(folder: Path, name: str, file: str | None = None) -> None:
     target = folder / (file or entry.file)
     onnx.save(model, str(target))
     changed = entry.model_copy(update={"file": target.name, "sha256": sha256_of(target)})
-    (folder / "manifest.json.tmp").write_text(manifest.upsert(changed).to_json())
+    others = [m for m in manifest.models if m.name != name]  # the file was overwritten: its old version is gone
+    rest = manifest.model_copy(update={"models": others, "rollouts": {}})
+    (folder / "manifest.json.tmp").write_text(rest.upsert(changed).to_json())
     (folder / "manifest.json.tmp").replace(folder / "manifest.json")
 
 
@@ -111,12 +113,13 @@ def test_recorded_figures_are_what_the_gate_measures_on_the_same_samples(gated_d
     loader = Loader.of(Settings(models_dir=gated_dir, intra_op_threads=1))
     warmed, _ = warmed_set(open_set(loader), (1,), loader)
     judge = warmed.judges.loaded["digits"]
-    for name, model in warmed.models.items():
+    for model in warmed.models.values():
         recorded = model.entry.quality
         again = quality.gate(model, judge, recorded, samples=RECORDED_SAMPLES)
         assert dict(again.measured) == pytest.approx(recorded.model_dump(include=set(quality.FIGURES),
                                                                          exclude_none=True), abs=1e-6)
-        assert warmed.gated[name].samples == quality.GATE_SAMPLES and not warmed.gated[name].shortfalls
+        gated = warmed.gated[model.key]
+        assert gated is not None and gated.samples == quality.GATE_SAMPLES and not gated.shortfalls
     assert warmed.models["cgan"].entry.quality.conditional_accuracy == 1.0  # the tiny judge reads the cgan
 
 
@@ -262,6 +265,6 @@ def test_the_bundled_models_all_pass_their_gate():
     assert manifest.judges and all(m.quality is not None for m in manifest.models)
     warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
     assert dict(warmed.failures) == {}
-    assert set(warmed.gated) == {m.name for m in manifest.models}
+    assert set(warmed.gated) == {m.key for m in manifest.models}
     for name, result in warmed.gated.items():
         assert result.samples == quality.GATE_SAMPLES and not result.shortfalls, (name, result.describe())

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import running_service, wait_ready
@@ -36,7 +37,8 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     seeded = {"model": "gan", "seed": 3}
     before = client.get("/sample", params=seeded)
     old = app.state.models
-    cgan_batcher, cgan_session, gan_batcher = old.queues["cgan"], old.models["cgan"].local, old.queues["gan"]
+    cgan_batcher, cgan_session = old.queues[old.models["cgan"].key], old.models["cgan"].local
+    gan_batcher = old.queues[old.models["gan"].key]
     new_version(folder)
     assert reload(app, client)
     after = client.get("/sample", params=seeded)
@@ -45,8 +47,8 @@ def test_a_reload_swaps_in_new_and_changed_models_and_keeps_the_unchanged_ones(a
     assert {m["name"] for m in client.get("/models").json()["models"]} == {"gan", "cgan", "gan-b"}
     new = app.state.models
     assert new is not old and old.models.keys() == {"gan", "cgan"}  # a new set, the old one untouched
-    assert new.queues["cgan"] is cgan_batcher and new.models["cgan"].local is cgan_session
-    assert new.queues["gan"] is not gan_batcher and not gan_batcher.alive
+    assert new.queues[new.models["cgan"].key] is cgan_batcher and new.models["cgan"].local is cgan_session
+    assert new.queues[new.models["gan"].key] is not gan_batcher and not gan_batcher.alive
     assert client.get("/readyz").json()["left_out"] == {}
     assert 'digitgen_reloads_total{result="ok"} 1.0' in client.get("/metrics").text
 
@@ -134,7 +136,7 @@ def test_the_served_set_cannot_be_edited_in_place(app_and_client):
     with pytest.raises(TypeError):
         models.models["intruder"] = models.models["gan"]
     with pytest.raises(TypeError):
-        del models.queues["gan"]
+        del models.queues[models.models["gan"].key]
     with pytest.raises(AttributeError):
         models.warmed = False
 
@@ -152,10 +154,10 @@ def test_a_model_that_fails_warm_up_is_left_out_and_its_batcher_closed(tmp_path,
     app = create_app(Settings(models_dir=tmp_path, intra_op_threads=1), warm=False)
     with TestClient(app) as client:
         cold = app.state.models
-        gan_batcher = cold.queues["gan"]
+        gan_batcher = cold.queues[cold.models["gan"].key]
         client.portal.call(app.state.reloader.warm_up)
         warmed = app.state.models
-        assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.queues) == ["cgan"]
+        assert warmed is not cold and list(warmed.models) == ["cgan"] and list(warmed.queues) == [warmed.models["cgan"].key]
         assert not gan_batcher.alive
         ready = client.get("/readyz")
         assert ready.status_code == 200
@@ -211,3 +213,64 @@ def test_an_unreadable_model_file_is_left_out_at_start_up_and_named_at_reload(tm
         assert not client.portal.call(app.state.reloader.reload)
         reason = client.get("/readyz").json()["left_out"]["gan"]
         assert "gan-v2.onnx cannot be read: Permission denied" in reason and "warm-up" not in reason
+
+
+# --- versions -----------------------------------------------------------------------------------------
+
+def add_gan_version(folder: Path, serve: bool = True) -> str:
+    """A second version of gan, written as export writes one (its own file, named by its content), listed
+    beside the first; `serve`: unpinned requests get it. Its version."""
+    from onnx_fixtures import entry_for, tiny_generator
+    tiny_generator(folder / "next.onnx", 8, seed=11)
+    entry = entry_for(folder / "next.onnx", "gan", 8, 0)
+    (folder / "gan").mkdir(exist_ok=True)
+    (folder / "next.onnx").rename(folder / "gan" / f"{entry.version}.onnx")
+    entry = entry.model_copy(update={"file": f"gan/{entry.version}.onnx"})
+    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text()).upsert(entry, serve=serve)
+    (folder / "manifest.json.tmp").write_text(manifest.to_json())
+    (folder / "manifest.json.tmp").replace(folder / "manifest.json")
+    return entry.version
+
+
+def test_a_pinned_version_keeps_its_bytes_and_etag_when_the_name_moves_to_another(app_and_client):
+    app, client, folder = app_and_client
+    first = app.state.models.models["gan"].entry.version
+    pinned = {"model": "gan", "seed": 3, "version": first}
+    before = client.get("/sample", params=pinned)
+    assert before.headers["cache-control"] == "public, max-age=31536000, immutable"
+    unpinned_before = client.get("/sample", params={"model": "gan", "seed": 3})
+    assert unpinned_before.headers["cache-control"] == "public, max-age=60"  # the name may move
+    second = add_gan_version(folder)
+    assert reload(app, client)
+    after = client.get("/sample", params=pinned)
+    assert (after.content, after.headers["etag"]) == (before.content, before.headers["etag"])  # by construction
+    moved = client.get("/sample", params={"model": "gan", "seed": 3})
+    assert moved.headers["x-model-version"] == second and moved.content != unpinned_before.content
+    assert moved.headers["etag"] != unpinned_before.headers["etag"]  # a revalidation gets the new one
+    described = client.get("/models/gan").json()
+    assert {v["version"]: v["served_unpinned"] for v in described["versions"]} == {first: False, second: True}
+    missing = client.get("/sample", params={"model": "gan", "version": "0" * 12})
+    assert missing.status_code == 404 and first in missing.json()["detail"] and second in missing.json()["detail"]
+
+
+def test_a_version_listed_but_not_served_answers_only_when_pinned(app_and_client):
+    app, client, folder = app_and_client
+    served = app.state.models.models["gan"].entry.version
+    trial = add_gan_version(folder, serve=False)
+    assert reload(app, client)
+    assert client.get("/sample", params={"model": "gan", "seed": 1}).headers["x-model-version"] == served
+    pinned = client.get("/sample", params={"model": "gan", "seed": 1, "version": trial})
+    assert pinned.status_code == 200 and pinned.headers["x-model-version"] == trial
+    v2 = client.post(f"/v2/models/gan/versions/{trial}/infer", json={"inputs": [
+        {"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [0.0] * 8}]})
+    assert v2.status_code == 200 and v2.json()["model_version"] == trial
+    assert sorted(client.get("/v2/models/gan").json()["versions"]) == sorted([served, trial])
+
+
+def test_a_file_emptied_under_an_unchanged_entry_is_refused_at_the_reload(app_and_client):
+    app, client, folder = app_and_client
+    (folder / "cgan.onnx").write_bytes(b"")
+    assert not reload(app, client)
+    reason = client.get("/readyz").json()["left_out"]["cgan"]
+    assert "changed on disk" in reason
+    assert client.get("/generate", params={"digit": 3}).status_code == 200  # the loaded session serves on

@@ -278,7 +278,8 @@ def test_a_corrupt_file_with_a_matching_checksum_is_left_out(models_dir):
     path.write_bytes(b"not an onnx file")
     manifest = json.loads((models_dir / "manifest.json").read_text())
     from service.manifest import sha256_of
-    manifest["models"][[m["name"] for m in manifest["models"]].index("gan")]["sha256"] = sha256_of(path)
+    entry = manifest["models"][[m["name"] for m in manifest["models"]].index("gan")]
+    entry["sha256"], entry["version"] = sha256_of(path), sha256_of(path)[:12]
     (models_dir / "manifest.json").write_text(json.dumps(manifest))
     models = open_set(Loader.of(Settings(models_dir=models_dir, intra_op_threads=1)))
     assert list(models.models) == ["cgan"] and "ONNX Runtime" in models.failures["gan"]
@@ -572,17 +573,22 @@ def test_validation_errors_keep_fastapis_shape(client):
 # --- caching ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, params", [
+    ("/sample", {"model": "gan", "seed": 5, "n": 4, "version": "pinned"}),
     ("/sample", {"model": "gan", "seed": 5, "n": 4}),
     ("/generate", {"digit": 3, "seed": 5, "format": "json"}),
     ("/interpolate", {"model": "cgan", "seed": 5, "digit": 1, "digit_to": 7, "format": "gif"}),
 ])
 def test_a_seeded_request_is_cacheable_and_revalidates_to_a_304_without_the_model(client, path, params,
                                                                                   monkeypatch):
+    served = client.app.state.models.models[params.get("model", "cgan")].entry.version
+    if params.get("version") == "pinned":
+        params = params | {"version": served}
     first = client.get(path, params=params)
     tag = first.headers["etag"]
     assert first.status_code == 200 and tag.startswith('"') and not tag.startswith('W/')
-    named = "model" in params  # the default model may change with a reload: revalidated after a minute
-    assert first.headers["cache-control"] == ("public, max-age=31536000, immutable" if named else "public, max-age=60")
+    assert first.headers["x-model-version"] == served
+    pinned = "version" in params  # else the version served may change with a reload: revalidated after a minute
+    assert first.headers["cache-control"] == ("public, max-age=31536000, immutable" if pinned else "public, max-age=60")
     assert client.get(path, params=params).headers["etag"] == tag  # a pure function of the request
 
     from service.runtime.batcher import Batcher

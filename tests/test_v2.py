@@ -58,9 +58,10 @@ def test_server_and_model_metadata(client):
     assert client.get("/v2").json() == {"name": "digit-gen", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
     assert client.get("/v2/health/live").status_code == 200
     assert client.get("/v2/health/ready").status_code == 200
-    for path in ("/v2/models/cgan", "/v2/models/cgan/versions/1"):
-        assert client.get(path).json() == {
-            "name": "cgan", "versions": ["1"], "platform": "onnxruntime_onnx",
+    version = client.app.state.models.models["cgan"].entry.version
+    for path in ("/v2/models/cgan", f"/v2/models/cgan/versions/{version}", "/v2/models/cgan/versions/1"):
+        assert client.get(path).json() == {  # "1": what every model answered as before versions
+            "name": "cgan", "versions": [version], "platform": "onnxruntime_onnx",
             "inputs": [{"name": "z", "datatype": "FP32", "shape": [-1, 6]},
                        {"name": "y", "datatype": "FP32", "shape": [-1, 10]}],
             "outputs": [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]}
@@ -69,7 +70,7 @@ def test_server_and_model_metadata(client):
     missing = client.get("/v2/models/nope")
     assert missing.status_code == 404 and "model 'nope' not found; available: gan, cgan" in missing.json()["error"]
     assert client.get("/v2/models/cgan/versions/2").status_code == 404
-    assert client.get("/v2/models/cgan/versions/2/ready").json()["error"].endswith("its only version is 1")
+    assert client.get("/v2/models/cgan/versions/2/ready").json()["error"].endswith(f"its versions: {version}")
 
 
 def test_infer_returns_what_onnx_runtime_returns_on_the_file(client, models_dir):
@@ -78,7 +79,8 @@ def test_infer_returns_what_onnx_runtime_returns_on_the_file(client, models_dir)
     reply = client.post("/v2/models/cgan/versions/1/infer", json=infer_json(z, y, id="req-7"))
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    assert (body["model_name"], body["model_version"], body["id"]) == ("cgan", "1", "req-7")
+    assert (body["model_name"], body["model_version"], body["id"]) == \
+        ("cgan", client.app.state.models.models["cgan"].entry.version, "req-7")
     (out,) = body["outputs"]
     assert (out["name"], out["datatype"], out["shape"]) == ("image", "FP32", [5, 1, 28, 28])
     expected = ort.InferenceSession(str(models_dir / "cgan.onnx")).run(["image"], {"z": z, "y": y})[0]

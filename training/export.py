@@ -10,12 +10,24 @@ with N dynamic. The network is exported in eval mode, so an image never depends 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from service.manifest import ENDPOINTS, MANIFEST_NAME, Manifest, ModelEntry, TrainingSummary, load_manifest, sha256_of
+from service.manifest import (
+    ENDPOINTS,
+    MANIFEST_NAME,
+    MODEL_NAME,
+    VERSION_DIGITS,
+    Manifest,
+    ModelEntry,
+    TrainingSummary,
+    load_manifest,
+    sha256_of,
+)
 from training import evaluate, evaluator, pictures
 from training.atomic import write_text_atomic
 from training.judge_export import with_quality
@@ -61,6 +73,29 @@ def export_onnx(net: Generator | VAE, num_classes: int, path: Path) -> int:
     return export_checked(decoder, example, ["z", "y"][:len(example)], "image", path, check, PARITY_TOLERANCE)
 
 
+def _export_version(net: Generator | VAE, num_classes: int, folder: Path) -> Path:
+    """The network as `folder/<version>.onnx`, the version the first 12 hex digits of the file's sha256: a
+    new file beside the served ones, never written over one (the same content is the same file). Exported
+    first under a name no manifest lists, then renamed to its version in one step."""
+    folder.mkdir(parents=True, exist_ok=True)
+    incoming = folder / ".incoming.onnx"
+    try:
+        export_onnx(net, num_classes, incoming)
+        target = folder / f"{sha256_of(incoming)[:VERSION_DIGITS]}.onnx"
+        if target.is_file() and sha256_of(target) == sha256_of(incoming):
+            incoming.unlink()  # already exported: this version exists
+        else:
+            os.replace(incoming, target)
+    finally:
+        incoming.unlink(missing_ok=True)
+    return target
+
+
+def onnx_opset(path: Path) -> int:
+    import onnx
+    return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+
+
 def _training_summary(run: Path, record: dict, epoch: int) -> TrainingSummary:
     history = read_history(run / "metrics.jsonl", epoch)
     seconds = sum(row["seconds"] for row in history)
@@ -83,6 +118,9 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     exported beside it when the manifest lists none of its kind); returns its manifest entry. `data_dir`
     locates the evaluator's data (default: the run's own data when it is the evaluator's dataset, else
     data/mnist); `raw` exports a GAN's raw generator rather than its EMA, where the raw weights scored better."""
+    if not re.fullmatch(MODEL_NAME, name) or len(name) > 64:  # before minutes of export and evaluation
+        raise ExportError(f"--name {name!r}: a model name is 1-64 of a-z, 0-9, - and _, starting with a letter or "
+                          f"digit")
     for endpoint in default_for:
         if endpoint not in ENDPOINTS:
             raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
@@ -94,8 +132,8 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     net = trainer.nets["generator"] if raw else trainer.sampler()
     assert isinstance(net, (Generator, VAE))
     num_classes = trainer.num_classes
-    onnx_path = out_dir / f"{name}.onnx"
-    opset = export_onnx(net, num_classes, onnx_path)
+    onnx_path = _export_version(net, num_classes, out_dir / name)
+    opset = onnx_opset(onnx_path)
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
 
     config = trainer.config
@@ -112,7 +150,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
                                    reduce=pictures.GRID_SCALE)
     entry = ModelEntry(
         name=name, family=record["family"], conditional=num_classes > 0, latent_dim=net.latent_dim,
-        num_classes=num_classes, class_names=record["class_names"], file=onnx_path.name,
+        num_classes=num_classes, class_names=record["class_names"], file=onnx_path.relative_to(out_dir).as_posix(),
         sha256=sha256_of(onnx_path), opset=opset, dataset=record["dataset"],
         training=_training_summary(run, record, epoch), metrics=metrics)
     try:

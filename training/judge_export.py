@@ -84,8 +84,9 @@ def with_quality(manifest: Manifest, models_dir: Path, judge: Judge, kind: str, 
         log(f"{models_dir / listed.file}: the {kind} judge, parity with PyTorch within {PARITY_TOLERANCE:g} "
             f"over {PARITY_SAMPLES} digits")
     assert listed is not None  # the listed judge, or the one exported just now
-    judged = [m for m in manifest.models
-              if m.dataset in listed.datasets and (fresh or names is None or m.name in names)]
+    judged = [m for m in manifest.models  # a new judge: every version; else the named models' served versions
+              if m.dataset in listed.datasets and (fresh or names is None or
+                                                   (m.name in names and manifest.model(m.name).key == m.key))]
     measured = []
     for entry in judged:
         figures = measure(models_dir, entry, listed, samples)

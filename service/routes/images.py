@@ -59,9 +59,10 @@ class Seeded:
         self.headers, self.not_modified = {"Cache-Control": caching.UNSEEDED}, None
         if q.seed is None:
             return
-        tag = caching.etag(model.entry.sha256, endpoint, q.model_dump() | {"model": model.name})
+        params = q.model_dump() | {"model": model.name, "version": model.entry.version}
+        tag = caching.etag(model.entry.sha256, endpoint, params)
         keyed = request.app.state.settings.api_keys_file is not None
-        self.headers = {"ETag": tag, "Cache-Control": caching.cache_control(q.model is not None, keyed)}
+        self.headers = {"ETag": tag, "Cache-Control": caching.cache_control(q.version is not None, keyed)}
         if caching.matches(request.headers.get("if-none-match"), tag):
             self.not_modified = Response(status_code=304, headers=self.headers)
 
@@ -69,7 +70,8 @@ class Seeded:
 def render(images: np.ndarray, fmt: str, nrow: int, scale: int, info: dict, image_shape: tuple[int, int, int]
            ) -> Response:
     """One request's images as its response: a PNG grid, a GIF, or JSON with one base64 PNG per image."""
-    headers = {"X-Model": info["model"], "X-Seed": str(info["seed"]), "X-Truncation": str(info["truncation"])}
+    headers = {"X-Model": info["model"], "X-Model-Version": info["version"], "X-Seed": str(info["seed"]),
+               "X-Truncation": str(info["truncation"])}
     if "seed_to" in info:
         headers["X-Seed-To"] = str(info["seed_to"])
     if fmt == "json":
@@ -120,7 +122,7 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[ModelRuntime
     """Every image route: the model, its checks (422s), the 304 of a revalidation, else the job run on the
     model's batcher and its response with the caching headers."""
     models = dispatch.model_set(request)
-    model = dispatch.model_for(models, q.model, endpoint)
+    model = dispatch.model_for(models, q.model, endpoint, q.version)
     if check is not None:
         check(models, model, q)
     seeded = Seeded(request, model, endpoint, q)
@@ -135,7 +137,7 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[ModelRuntime
 
 def sample_job(model: ModelRuntime, q, seed: int) -> Job:
     entry = model.entry
-    info = {"model": model.name, "seed": seed, "truncation": q.truncation}
+    info = {"model": model.name, "version": model.entry.version, "seed": seed, "truncation": q.truncation}
     classes = sampling.random_classes(seed, q.n, entry.num_classes) if entry.conditional else None
     if classes is not None:
         info["digits"] = classes.tolist()
@@ -155,7 +157,7 @@ def check_generate(models: ModelSet, model: ModelRuntime, q) -> None:
 
 def generate_job(model: ModelRuntime, q, seed: int) -> Job:
     entry = model.entry
-    info = {"model": model.name, "seed": seed, "digit": q.digit, "truncation": q.truncation}
+    info = {"model": model.name, "version": model.entry.version, "seed": seed, "digit": q.digit, "truncation": q.truncation}
 
     def inputs():
         return (sampling.latents(seed, q.n, entry.latent_dim, q.truncation),
@@ -172,7 +174,8 @@ def walk_job(model: ModelRuntime, q, seed: int) -> Job:
     seed_to = q.seed_to
     if seed_to is None:
         seed_to = seed if q.digit_to is not None else (seed + 1) % (sampling.MAX_SEED + 1)
-    info = {"model": model.name, "seed": seed, "seed_to": seed_to, "steps": q.steps, "method": q.method,
+    info = {"model": model.name, "version": model.entry.version, "seed": seed, "seed_to": seed_to, "steps": q.steps,
+            "method": q.method,
             "truncation": q.truncation}
     if model.entry.conditional:
         digit = int(sampling.random_classes(seed, 1, model.entry.num_classes)[0]) if q.digit is None else q.digit

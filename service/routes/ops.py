@@ -20,15 +20,23 @@ def describe(models: ModelSet, model: ModelRuntime) -> dict:
     return {"name": e.name, "family": e.family, "conditional": e.conditional, "latent_dim": e.latent_dim,
             "num_classes": e.num_classes, "class_names": e.class_names, "provider": placement.provider,
             "cpu_up_to_batch": placement.cpu_up_to, "gpu_process": placement.process_pid is not None,
-            "runtime": placement.describe(),
+            "runtime": placement.describe(), "version": e.version,
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
+
+
+def versions(models: ModelSet, model: ModelRuntime) -> list[dict]:
+    """Every version of the model this worker serves: which one unpinned requests get, each one's figures."""
+    return [{"version": m.entry.version, "sha256": m.entry.sha256, "served_unpinned": m is model,
+             "training": m.entry.training.model_dump(), "metrics": m.entry.metrics,
+             "quality": m.entry.quality.model_dump() if m.entry.quality else None}
+            for m in models.versions_of(model.name)]
 
 
 def quality(models: ModelSet, model: ModelRuntime, live: LiveQuality) -> dict:
     """The figures its judge recorded at export, what the quality gate measured before this worker served
     it, and the judge's live figure over what this worker served lately (None where there is none)."""
-    gated = models.gated.get(model.name)
+    gated = models.gated.get(model.key)
     return {"recorded": model.entry.quality.model_dump() if model.entry.quality else None,
             "gate": gated.describe() if gated else None, "live": live.snapshot(model)}
 
@@ -47,7 +55,8 @@ def router(metrics: Metrics) -> APIRouter:
     async def model_info(request: Request, name: str = Path(description="a model name from GET /models")):
         current = dispatch.model_set(request)
         model = dispatch.model_for(current, name, "sample")
-        return describe(current, model) | {"quality": quality(current, model, request.app.state.live)}
+        return describe(current, model) | {"quality": quality(current, model, request.app.state.live),
+                                           "versions": versions(current, model)}
 
     @routes.get("/healthz", summary="Liveness: the process is up and every model's batch threads run")
     async def healthz(request: Request):

@@ -21,14 +21,17 @@ from service.runtime.model import ModelRuntime
 
 
 def model_version(models: ModelSet, name: str, version: str | None) -> ModelRuntime:
-    model = dispatch.model_for(models, name, "sample")
-    if version not in (None, wire.VERSION):
-        raise ApiError(404, f"model {name!r} has no version {version!r}; its only version is {wire.VERSION}")
-    return model
+    """The model's version the path names, else the one it serves unpinned; 404 listing its versions."""
+    return dispatch.model_for(models, name, "sample", None if version == wire.LEGACY_VERSION else version)
+
+
+def metadata_of(models: ModelSet, model: ModelRuntime) -> dict:
+    return wire.model_metadata(model.entry, [m.entry.version for m in models.versions_of(model.name)])
 
 
 async def metadata(request: Request, name: str, version: str | None = None):
-    return wire.model_metadata(model_version(dispatch.model_set(request), name, version).entry)
+    models = dispatch.model_set(request)
+    return metadata_of(models, model_version(models, name, version))
 
 
 async def model_ready(request: Request, name: str, version: str | None = None):
@@ -45,13 +48,14 @@ async def infer(request: Request, name: str, version: str | None = None):
     model = model_version(models, name, version)
     header, binary = wire.split_body(body, request.headers.get(wire.HEADER_LENGTH))
     z, y, binary_out, request_id = wire.parse_infer(header, binary, model.entry, dispatch.settings(request).max_n)
-    finish = partial(wire.infer_response, model=model.name, request_id=request_id, binary=binary_out)
+    finish = partial(wire.infer_response, model=model.name, version=model.entry.version, request_id=request_id,
+                     binary=binary_out)
     return await dispatch.run(models, model, len(z), lambda: (z, y), finish, dispatch.settings(request).request_timeout_s,
                           raw=True)
 
 
 def _latest(handler):
-    """The handler for the path without /versions/{version}: the model's only version."""
+    """The handler for the path without /versions/{version}: the version the model serves unpinned."""
     async def latest(request: Request, name: str):
         return await handler(request, name, None)
     latest.__name__ = handler.__name__  # the same operationId as before

@@ -111,6 +111,11 @@ class ModelRuntime:
         return self.entry.name
 
     @property
+    def key(self) -> str:
+        """name@version: this version of the model (its queue, its logs)."""
+        return self.entry.key
+
+    @property
     def needs_attach(self) -> bool:
         state = self.placement.state
         return not self._closed and (state is State.CONNECTING or state is State.RECONNECTING)

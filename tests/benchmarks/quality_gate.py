@@ -141,9 +141,11 @@ def refusals(models_dir: Path) -> dict:
             out[f"{entry.name} scrambled"] = warmed(folder).failures.get(entry.name, "passed")
         folder = Path(tmp) / "swapped"
         shutil.copytree(models_dir, folder, ignore=shutil.ignore_patterns("*.png", "*.gif", "examples"))
-        shutil.copyfile(folder / "wgan.onnx", folder / "gan.onnx")  # same interface, another model's weights
-        (folder / "manifest.json").write_text(manifest.upsert(manifest.model("gan").model_copy(
-            update={"sha256": sha256_of(folder / "gan.onnx")})).to_json())
+        gan, wgan = manifest.model("gan"), manifest.model("wgan")
+        shutil.copyfile(folder / wgan.file, folder / gan.file)  # same interface, another model's weights
+        others = manifest.model_copy(update={"models": [m for m in manifest.models if m.name != "gan"], "rollouts": {}})
+        (folder / "manifest.json").write_text(others.upsert(gan.model_copy(
+            update={"sha256": sha256_of(folder / gan.file)})).to_json())
         out["wgan's file as gan"] = warmed(folder).failures.get("gan", "passed")
     for case, verdict in out.items():
         print(f"{case}: {verdict}")

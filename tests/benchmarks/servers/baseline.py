@@ -7,7 +7,9 @@ with `python tests/benchmarks/servers/launch.py baseline --port P --workers N`.
 from __future__ import annotations
 
 import io
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -15,7 +17,16 @@ from fastapi import FastAPI, Query
 from fastapi.responses import Response
 from PIL import Image
 
-MODEL = os.environ.get("BASELINE_MODEL", "exported/cgan.onnx")
+
+def _bundled_cgan() -> str:
+    """The file the bundled manifest serves as cgan (exported/cgan/<version>.onnx)."""
+    manifest = json.loads(Path("exported/manifest.json").read_text())
+    version = manifest.get("rollouts", {}).get("cgan", {}).get("default")
+    return "exported/" + next(m["file"] for m in manifest["models"] if m["name"] == "cgan" and
+                              (version is None or m["file"].endswith(f"{version}.onnx")))
+
+
+MODEL = os.environ.get("BASELINE_MODEL") or _bundled_cgan()
 
 
 def create_app() -> FastAPI:
