@@ -10,7 +10,8 @@ manifest or model that fails leaves the old set serving: the reason is logged, s
 `left_out`, and counted in digitgen_reloads_total{result="failed"}.
 
 SIGHUP stays blocked from a worker's first instruction (service/workers.py) until `listen` installs the
-handler; a reload asked for during start-up is then delivered, and runs once warm-up is done.
+handler; a reload asked for during start-up is then delivered, and runs once warm-up is done. SIGHUPs that
+arrive while a reload runs coalesce into one more reload after it.
 """
 
 from __future__ import annotations
@@ -33,18 +34,39 @@ class Reloader:
         self.failure: ReloadError | None = None  # the last reload's, until one succeeds
         self.stopped = False
         self.sizes = (1, loader.settings.max_n)  # the batch sizes every model is warmed at
-        self._lock = asyncio.Lock()  # one writer at a time: signals arriving meanwhile queue behind it
+        self._lock = asyncio.Lock()  # one writer at a time
+        self._reloading = False  # a reload asked for by signal is under way
+        self._again = False  # and another was asked for meanwhile: one more runs after it, however many came
 
     def listen(self) -> None:
         """Reload on SIGHUP, and let a SIGHUP held back during start-up through. Only the main thread's
         event loop can take signals (not a test client's)."""
         loop = asyncio.get_running_loop()
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+            loop.add_signal_handler(signal.SIGHUP, self.request)
         except (ValueError, RuntimeError, NotImplementedError, AttributeError):
             log.debug("no SIGHUP handler in this thread; reloads only through Reloader.reload()")
             return
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+    def request(self) -> None:
+        """A SIGHUP: reload, coalescing those that arrive while one runs into one more reload after it (a
+        storm of signals costs two reloads, not one per signal)."""
+        if self._reloading:
+            self._again = True
+            return
+        self._reloading = True
+        asyncio.get_running_loop().create_task(self._reload_until_settled())
+
+    async def _reload_until_settled(self) -> None:
+        try:
+            while True:
+                self._again = False
+                await self.reload()
+                if not self._again:
+                    return
+        finally:
+            self._reloading = False
 
     def left_out(self) -> dict[str, str]:
         return {self.failure.what: f"reload failed, the previous version serves: {self.failure.reason}"} \

@@ -274,3 +274,29 @@ def test_a_file_emptied_under_an_unchanged_entry_is_refused_at_the_reload(app_an
     reason = client.get("/readyz").json()["left_out"]["cgan"]
     assert "changed on disk" in reason
     assert client.get("/generate", params={"digit": 3}).status_code == 200  # the loaded session serves on
+
+
+def test_a_storm_of_reload_signals_coalesces_into_at_most_two_reloads(app_and_client, monkeypatch):
+    """Twenty SIGHUPs while a reload of a bad model runs: one more reload after it, not twenty gates."""
+    import asyncio
+    app, client, folder = app_and_client
+    new_version(folder, broken=True)
+    reloader = app.state.reloader
+    ran = []
+    original = reloader.reload
+
+    async def counted():
+        ran.append(1)
+        await asyncio.sleep(0.05)  # long enough for the storm to arrive while it runs
+        return await original()
+    monkeypatch.setattr(reloader, "reload", counted)
+
+    async def storm():
+        for _ in range(20):
+            reloader.request()
+            await asyncio.sleep(0.001)
+        while reloader._reloading:
+            await asyncio.sleep(0.01)
+    client.portal.call(storm)
+    assert len(ran) == 2
+    assert 'digitgen_reloads_total{result="failed"} 2.0' in client.get("/metrics").text
