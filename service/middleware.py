@@ -16,7 +16,9 @@ log = logging.getLogger("digitgen.http")
 
 
 class RequestMetrics:
-    """Counts requests and their latency by route and status."""
+    """The outermost layer: counts requests and their latency by route and status; answers HEAD as GET
+    without the body (monitors probe with HEAD); gives every response a Cache-Control (`no-store` where
+    the route set none), so no cache guesses."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -26,11 +28,18 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = dict(scope, method="GET")
 
         async def send_status(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if not any(name == b"cache-control" for name, _ in message.get("headers", ())):
+                    message = dict(message, headers=[*message.get("headers", ()), (b"cache-control", b"no-store")])
+            elif head and message["type"] == "http.response.body":
+                message = dict(message, body=b"")
             await send(message)
 
         try:

@@ -131,6 +131,7 @@ def request_body_doc() -> dict:
 # Before versions every model answered as version "1": a client that still asks for it gets the version the
 # model serves unpinned (the answer then names the real one).
 LEGACY_VERSION = "1"
+MAX_ABS_INPUT = 1e4  # a standard normal draw is within 10 with certainty; far past it a model overflows to NaN
 
 
 # --- parsing and validation ---------------------------------------------------------------------------
@@ -163,6 +164,8 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = json.loads(body[:cut])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _bad(f"the request is not JSON: {err}") from None
+    except ValueError as err:  # an integer past the parser's digit limit
+        raise _bad(f"the request holds a number the service does not take: {str(err)[:120]}") from None
     except RecursionError:  # nesting deeper than the parser takes
         raise _bad("the request's JSON nests too deeply") from None
     if not isinstance(header, dict):
@@ -208,10 +211,16 @@ def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int], max_n
             raise _bad(f"input {name!r}: `data` must hold numbers only")
         if len(flat) != count:
             raise _bad(f"input {name!r}: {len(flat)} values for shape {shape} ({count})")
-        with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
-            values = np.array(flat, dtype=np.float64).astype(np.float32)
+        try:
+            with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
+                values = np.array(flat, dtype=np.float64).astype(np.float32)
+        except OverflowError:  # an integer beyond even float64's range
+            raise _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)") from None
     if not np.isfinite(values).all():
         raise _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)")
+    if np.abs(values).max() > MAX_ABS_INPUT:
+        raise _bad(f"input {name!r}: values must lie within +-{MAX_ABS_INPUT:g} (z is standard normal noise, y a "
+                   f"class blend); {float(np.abs(values).max()):.3g} is not a latent this model was trained near")
     return name, values.reshape(shape), offset
 
 

@@ -25,8 +25,11 @@ DEFAULT_NROW = 8
 
 # What the OpenAPI schema promises: an integer is written as one ("7", "-3"; not "7.0", " 7" or "7_000",
 # which pydantic's lax parsing would take), a number as a decimal or exponent literal.
+# Each pattern is unambiguous (no two quantifiers compete for the same digits), so a match takes time linear
+# in the value's length; a numeric value longer than MAX_NUMBER_CHARS is refused before any matching.
 INTEGER = re.compile(r"-?[0-9]+")
-NUMBER = re.compile(r"-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+MAX_NUMBER_CHARS = 64
 
 
 def _pattern(annotation) -> re.Pattern | None:
@@ -51,6 +54,9 @@ class QueryModel(BaseModel):
             if len(values) > 1:
                 problems.append({"type": "value_error", "loc": ["query", name], "input": values,
                                  "msg": f"given {len(values)} times; give it once"})
+            elif values and pattern and len(values[0]) > MAX_NUMBER_CHARS:
+                problems.append({"type": "value_error", "loc": ["query", name], "input": values[0][:MAX_NUMBER_CHARS] + "...",
+                                 "msg": f"at most {MAX_NUMBER_CHARS} characters"})
             elif values and pattern and not pattern.fullmatch(values[0]):
                 kind = "an integer" if pattern is INTEGER else "a number"
                 problems.append({"type": "value_error", "loc": ["query", name], "input": values[0],

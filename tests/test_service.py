@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -715,3 +716,41 @@ def test_an_unexpected_failure_in_a_hot_route_keeps_its_endpoints_error_shape(mo
         sample = client.get("/sample")
         assert sample.status_code == 500 and sample.json() == {"detail": "internal error: ZeroDivisionError"}
     assert "ZeroDivisionError" in caplog.text  # logged with its traceback for whoever runs the service
+
+
+@pytest.mark.parametrize("param", ["truncation", "seed", "n"])
+def test_a_huge_numeric_parameter_is_a_422_at_once_not_a_frozen_worker(client, param):
+    """32,000 digits and a stray letter once took a worker 24 s in a backtracking pattern (quadratic); the
+    value is refused by its length before any matching, and the pattern is linear anyway."""
+    started = time.monotonic()
+    response = client.get("/sample", params={param: "1" * 32_000 + "x"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", param]
+    assert time.monotonic() - started < 2
+    from service.queries import NUMBER
+    started = time.monotonic()
+    assert NUMBER.fullmatch("1" * 200_000 + "x") is None and time.monotonic() - started < 1  # linear
+
+
+def test_a_number_written_as_one_is_still_taken(client):
+    for value in ("0.5", "1", "1.", ".5", "5e-1", "1.0E0"):
+        assert client.get("/sample", params={"truncation": value}).status_code == 200, value
+
+
+def test_head_is_answered_like_get_without_a_body(client):
+    for path in ("/sample?seed=1", "/generate?digit=3&seed=1", "/healthz", "/readyz", "/models"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+
+
+def test_every_response_says_how_it_may_be_cached(client):
+    assert client.get("/models").headers["cache-control"] == "no-store"
+    assert client.get("/readyz").headers["cache-control"] == "no-store"
+    assert client.get("/sample", params={"seed": 1}).headers["cache-control"] == "public, max-age=60"
+
+
+def test_readyz_names_no_server_path(models_dir):
+    (models_dir / "gan.onnx").unlink()
+    with TestClient(create_app(Settings(models_dir=models_dir.resolve(), intra_op_threads=1))) as client:
+        reason = wait_ready(client).get("/readyz").json()["left_out"]["gan"]
+    assert reason == "gan.onnx is missing" and str(models_dir) not in reason

@@ -319,3 +319,26 @@ def test_32_concurrent_async_infers_are_batched(batching_server):
     assert images - images_before == 32
     assert calls - calls_before < 32, "every request ran alone: nothing was batched"
     client.close()
+
+
+@pytest.mark.parametrize("raw, message", [
+    ('{"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [' + "9" * 5000 + ', 0, 0, 0, 0, 0, 0, 0]}]}',
+     "does not take"),  # past the JSON parser's digit limit (was a 500)
+    ('{"inputs": [{"name": "z", "shape": [' + "9" * 5000 + ', 8], "datatype": "FP32", "data": []}]}', "does not take"),
+    ('{"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [' + str(10 ** 400) + ', 0, 0, 0, 0, 0, 0, 0]}]}',
+     "must be finite"),  # beyond float64 (was an OverflowError, a 500)
+    ('{"inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", "data": [3.4e38, 0, 0, 0, 0, 0, 0, 0]}]}',
+     "must lie within"),  # finite, yet far past any latent: the network gave NaN (a JSON 500)
+])
+def test_absurd_numbers_are_a_400_naming_the_input(client, raw, message):
+    reply = client.post("/v2/models/gan/infer", content=raw)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]
+
+
+def test_binary_latents_past_the_bound_are_refused_and_outputs_stay_in_0_1(client):
+    extreme = np.full(8, 3.4e38, np.float32).tobytes()
+    assert client.post("/v2/models/gan/infer", content=BINARY_Z + extreme, headers=HEADER).status_code == 400
+    edge = client.post("/v2/models/gan/infer", json=infer_json(np.full((2, 8), -1e4, np.float32)))
+    values = np.array(edge.json()["outputs"][0]["data"], np.float32)
+    assert edge.status_code == 200 and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Path, Request
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -23,6 +26,14 @@ def describe(models: ModelSet, model: ModelRuntime) -> dict:
             "runtime": placement.describe(), "version": e.version,
             "dataset": e.dataset, "metrics": e.metrics, "training": e.training.model_dump(),
             "default": bool(models.defaults_of(e.name)), "default_for": models.defaults_of(e.name)}
+
+
+def relative(reason: str, models_dir) -> str:
+    """A reason with the models folder's path taken out: /readyz is open even with keys on, and where the
+    files live on the server is nobody's business."""
+    for folder in {str(Path(models_dir).resolve()), str(models_dir)}:
+        reason = reason.replace(folder.rstrip("/") + "/", "")
+    return reason
 
 
 def versions(models: ModelSet, model: ModelRuntime) -> list[dict]:
@@ -52,7 +63,7 @@ def router(metrics: Metrics) -> APIRouter:
 
     @routes.get("/models/{name}", summary="One model",
                 responses={404: {"description": "unknown model; the message lists the available ones"}})
-    async def model_info(request: Request, name: str = Path(description="a model name from GET /models")):
+    async def model_info(request: Request, name: str = PathParam(description="a model name from GET /models")):
         current = dispatch.model_set(request)
         model = dispatch.model_for(current, name, "sample")
         return describe(current, model) | {"quality": quality(current, model, request.app.state.live),
@@ -68,8 +79,9 @@ def router(metrics: Metrics) -> APIRouter:
     @routes.get("/readyz", summary="Readiness: 200 once every loaded model is warmed, 503 before")
     async def readyz(request: Request):
         current = dispatch.model_set(request)
+        left_out = dict(current.failures) | request.app.state.reloader.left_out()
         body = {"ready": current.ready, "models": {n: current.warmed for n in current.models},
-                "left_out": dict(current.failures) | request.app.state.reloader.left_out()}
+                "left_out": {name: relative(why, dispatch.settings(request).models_dir) for name, why in left_out.items()}}
         return JSONResponse(body, status_code=200 if current.ready else 503)
 
     @routes.get("/metrics", summary="Prometheus metrics", response_class=Response)

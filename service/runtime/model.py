@@ -121,7 +121,14 @@ class ModelRuntime:
         return not self._closed and (state is State.CONNECTING or state is State.RECONNECTING)
 
     def run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
-        """images [N, 1, H, W] in [0, 1]; blocking: call it off the event loop."""
+        """images [N, 1, H, W], finite and in [0, 1] whatever the inputs (an absurd latent can overflow a
+        network to NaN); blocking: call it off the event loop."""
+        images = self._run(z, y)
+        if not np.isfinite(images).all():
+            images = np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)
+        return np.clip(images, 0.0, 1.0, out=images)
+
+    def _run(self, z: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         n = len(z)
         remote = self._remote
         if n <= self.placement.cpu_up_to:
