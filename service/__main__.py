@@ -23,9 +23,10 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Mapping  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
+from pydantic_settings import SettingsError  # noqa: E402
 
 from service import workers  # noqa: E402
-from service.app import create_app  # noqa: E402
+from service.app import VERSION, create_app  # noqa: E402
 from service.auth import KeyFileError, load_keys, new_key  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.inference.keeper import InferenceProcessError, serving  # noqa: E402
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"digit-gen {VERSION}")
     parser.add_argument("--host", help="interface to bind (DIGITGEN_HOST; default 127.0.0.1; 0.0.0.0 in a container)")
     parser.add_argument("--port", type=port_number, default=os.environ.get("DIGITGEN_PORT", "8000"),
                         help="port to listen on (DIGITGEN_PORT; default 8000)")
@@ -61,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             load_keys(settings.api_keys_file)
     except ValidationError as err:
         return _error("\n".join(_setting_error(problem, flags) for problem in err.errors()))
+    except SettingsError as err:  # a list or object setting that is not JSON, such as DIGITGEN_CORS_ORIGINS
+        field = str(err).split('field "', 1)[-1].split('"', 1)[0]
+        return _error(f"error: DIGITGEN_{field.upper()}: not valid JSON; a list is written as "
+                      f'["http://localhost:3000"]')
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -75,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     with shared_metrics(plan.workers):
         try:
             with serving(settings, plan) as plan:
+                host = f"[{settings.host}]" if ":" in settings.host else settings.host
+                logging.getLogger("digitgen").info(
+                    "digit-gen %s on http://%s:%d with %d worker(s)%s; reload the models: kill -HUP %d", VERSION,
+                    host, args.port, plan.workers, f" and the inference process ({plan.device_providers[0]})"
+                    if plan.inference_process else "", os.getpid())
                 return workers.run(partial(create_app, settings, plan), options, plan.workers)
         except InferenceProcessError as err:
             return _error(f"error: the inference process (DIGITGEN_INFERENCE_PROCESS={settings.inference_process}): "

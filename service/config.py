@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -89,6 +90,17 @@ class Settings(BaseSettings):
                                                  "figures its manifest entry records; off: serve it unchecked")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        """An origin is scheme://host[:port] (what a browser sends), or "*": "localhost:3000" would match
+        no browser and fail silently."""
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port], e.g. http://localhost:3000")
+        return origins
+
     api_keys_file: Path | None = Field(None, description="file of `NAME SHA256_OF_THE_KEY` lines: when set, the "
                                                            "model endpoints need one of those keys")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -754,3 +754,31 @@ def test_readyz_names_no_server_path(models_dir):
     with TestClient(create_app(Settings(models_dir=models_dir.resolve(), intra_op_threads=1))) as client:
         reason = wait_ready(client).get("/readyz").json()["left_out"]["gan"]
     assert reason == "gan.onnx is missing" and str(models_dir) not in reason
+
+
+def test_version_flags_name_the_release(capsys):
+    from service.__main__ import main
+    from training.__main__ import main as training_main
+    for run in (main, training_main):
+        with pytest.raises(SystemExit) as done:
+            run(["--version"])
+        assert done.value.code == 0 and capsys.readouterr().out.startswith("digit-gen ")
+
+
+@pytest.mark.parametrize("value, named", [
+    ("http://localhost:3000", "not valid JSON; a list is written as"),  # was a 40-line traceback
+    ('["localhost:3000"]', "'localhost:3000' is not an origin"),  # was accepted, and matched no browser
+])
+def test_a_bad_cors_setting_is_one_error_line_and_exit_2(models_dir, monkeypatch, capsys, value, named):
+    from service.__main__ import main
+    monkeypatch.setenv("DIGITGEN_CORS_ORIGINS", value)
+    assert main(["--models-dir", str(models_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "DIGITGEN_CORS_ORIGINS" in err and named in err and "Traceback" not in err
+
+
+def test_the_license_the_package_declares_is_in_the_repository():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    assert 'license = "MIT"' in (root / "pyproject.toml").read_text()
+    assert (root / "LICENSE").read_text().startswith("MIT License")

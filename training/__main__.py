@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from training.data import DATASETS, DataError
@@ -16,8 +17,16 @@ from training.train_command import add_train_arguments, positive_int, run_train,
 from training.trainers import train_config
 
 
+def _version() -> str:
+    try:
+        return metadata.version("digit-gen")
+    except metadata.PackageNotFoundError:  # the source tree run without an install
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"digit-gen {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("list", help="list the trainable models and the datasets")
     add_train_command(commands)
