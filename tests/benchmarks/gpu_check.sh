@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU machine's check of the service (../shared/device/README.md: after `source .device/remote-setup.sh`),
+# The GPU machine's check of the service (once the machine is prepared: `source .device/remote-setup.sh`),
 # from the project root: the inference process's fault tests with the process on CUDA, then gpu_serve.py's
 # modes side by side. Everything lands in $OUT (default gpu-results): the test report and gpu_serve's files.
 set -uo pipefail
