@@ -215,13 +215,17 @@ def _tensor(spec: Any, binary: bytes, offset: int, widths: dict[str, int], max_n
             with np.errstate(over="ignore"):  # beyond float32's range: inf, refused just below
                 values = np.array(flat, dtype=np.float64).astype(np.float32)
         except OverflowError:  # an integer beyond even float64's range
-            raise _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)") from None
+            raise _not_finite(name) from None
     if not (np.abs(values) <= MAX_ABS_INPUT).all():  # one pass: NaN and infinity fail it too
         if not np.isfinite(values).all():
-            raise _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)")
+            raise _not_finite(name)
         raise _bad(f"input {name!r}: values must lie within +-{MAX_ABS_INPUT:g} (z is standard normal noise, y a "
                    f"class blend); {float(np.abs(values).max()):.3g} is not a latent this model was trained near")
     return name, values.reshape(shape), offset
+
+
+def _not_finite(name: str) -> ApiError:
+    return _bad(f"input {name!r}: values must be finite (no NaN or infinity, none beyond float32's range)")
 
 
 def _flatten(data: Any, name: str) -> list:

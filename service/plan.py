@@ -33,10 +33,6 @@ class Plan:
         """What a worker opens its own sessions on: the CPU when the inference process holds the device's."""
         return [CPU] if self.inference_process else list(self.device_providers)
 
-    @property
-    def cuda(self) -> bool:
-        return self.device_providers[0] != CPU
-
     def listening_at(self, socket: Path) -> Plan:
         return replace(self, inference_socket=socket)
 

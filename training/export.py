@@ -81,8 +81,9 @@ def _export_version(net: Generator | VAE, num_classes: int, folder: Path) -> Pat
     incoming = folder / ".incoming.onnx"
     try:
         export_onnx(net, num_classes, incoming)
-        target = folder / f"{sha256_of(incoming)[:VERSION_DIGITS]}.onnx"
-        if target.is_file() and sha256_of(target) == sha256_of(incoming):
+        digest = sha256_of(incoming)
+        target = folder / f"{digest[:VERSION_DIGITS]}.onnx"
+        if target.is_file() and sha256_of(target) == digest:
             incoming.unlink()  # already exported: this version exists
         else:
             os.replace(incoming, target)
