@@ -2,6 +2,7 @@
 (and gRPC).
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
+`python -m service prune [--models-dir] [--dry-run]`: remove the model files the manifest no longer lists.
 
 Flags override DIGITGEN_* environment variables; the settings and the plan reach the workers as values.
 """
@@ -30,6 +31,7 @@ from service.app import VERSION, create_app  # noqa: E402
 from service.auth import KeyFileError, load_keys, new_key  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.inference.keeper import InferenceProcessError, serving  # noqa: E402
+from service.lifecycle import Lifecycle  # noqa: E402
 from service.manifest import ManifestError, load_manifest  # noqa: E402
 from service.plan import make_plan  # noqa: E402
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return triton_repository(argv[1:])
     if argv[:1] == ["keygen"]:
         return keygen(argv[1:])
+    if argv[:1] == ["prune"]:
+        return prune_command(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"digit-gen {VERSION}")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     "digit-gen %s on http://%s:%d with %d worker(s)%s; reload the models: kill -HUP %d", VERSION,
                     host, args.port, plan.workers, f" and the inference process ({plan.device_providers[0]})"
                     if plan.inference_process else "", os.getpid())
-                return workers.run(partial(create_app, settings, plan), options, plan.workers)
+                return workers.run(partial(create_app, settings, plan), options, plan.workers, Lifecycle(settings, plan))
         except InferenceProcessError as err:
             return _error(f"error: the inference process (DIGITGEN_INFERENCE_PROCESS={settings.inference_process}): "
                           f"{err}; see its log above, or try DIGITGEN_INFERENCE_PROCESS=off")
@@ -117,6 +121,32 @@ def keygen(argv: list[str]) -> int:
         return _error(f"error: {err}")
     print(f"key:  {key}\nline: {line}\n# give the key to its user; append the line to the keys file, e.g.\n"
           f"#   echo '{line}' >> keys.txt")
+    return 0
+
+
+def prune_command(argv: list[str]) -> int:
+    from service.prune import prune
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service prune",
+        description="Remove the model files (<name>/<version>.onnx) that the manifest no longer lists: export "
+                    "never deletes one, since a running service or a rollback may still use it.")
+    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings(**({"models_dir": args.models_dir} if args.models_dir else {}), providers="cpu")
+        removed, size = prune(Path(settings.models_dir), args.dry_run)
+    except ValidationError as err:
+        return _error(f"error: {err.errors()[0]['msg']}")
+    except ManifestError as err:
+        return _error(f"error: {err}; nothing removed")
+    except OSError as err:
+        return _error(f"error: {err.filename or args.models_dir}: {err.strerror or err}")
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} unlisted file(s), {size / 2**20:.1f} MiB")
     return 0
 
 

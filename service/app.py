@@ -11,7 +11,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,16 +21,20 @@ from service.auth import ApiKeys, load_keys
 from service.config import Settings
 from service.errors import ApiError, error_response
 from service.live_quality import LiveQuality
+from service.manifest import Manifest
 from service.metrics import Metrics
 from service.middleware import BodyLimit, HotRoutes, RequestMetrics
-from service.modelset import Loader, open_set
+from service.modelset import Loader, ModelSet, open_set
 from service.plan import Plan, make_plan
-from service.reload import Reloader
+from service.reload import Follower, Reloader
 from service.routes import images, ops, page, v2
 from service.runtime import devices
 from service.runtime.attach import Attacher
 from service.runtime.model import ModelRuntime
 from service.runtime.model_queue import ModelQueue
+
+if TYPE_CHECKING:
+    from service.workers import Supervised
 
 log = logging.getLogger("digitgen.app")
 
@@ -42,16 +46,16 @@ EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Trunc
 
 
 def create_app(settings: Settings | None = None, plan: Plan | None = None, warm: bool = True,
-               on_ready: Callable[[], None] | None = None) -> FastAPI:
+               supervised: Supervised | None = None) -> FastAPI:
     """The app. Alone, it answers at once and warms its models in the background (/readyz 503 until then).
-    A supervised worker (service/workers.py) passes `on_ready`: its models warm before it takes a request,
-    so a worker that listens is a ready one (the kernel sends a replacement nothing while it is cold), and
-    `on_ready` tells the supervisor. Tests pass warm=False to see the not-ready state."""
+    A supervised worker (service/workers.py) serves what its supervisor decided: its models warm before it
+    takes a request, so a worker that listens is a ready one (the kernel sends a replacement nothing while
+    it is cold). Tests pass warm=False to see the not-ready state."""
     settings = settings or Settings()
     plan = plan or make_plan(settings)
     metrics = Metrics()
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
-    app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, plan, metrics, keys, warm, on_ready),
+    app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, plan, metrics, keys, warm, supervised),
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     for router in (images.router(settings), v2.router("digit-gen", VERSION), ops.router(metrics)):
         mount(app, router)
@@ -85,10 +89,11 @@ async def start_grpc(app: FastAPI, settings: Settings, metrics: Metrics, keys: d
 
 
 def lifespan_of(settings: Settings, plan: Plan, metrics: Metrics, keys: dict[str, str] | None, warm: bool,
-                on_ready: Callable[[], None] | None):
-    """Start-up: open the models (cold, on this worker's own sessions), warm them off the event loop (in the
-    background, or first for a supervised worker), swap in the warmed set, then attach them to the
-    inference process when there is one. Shutdown: let warm-up finish, drain every queue, stop the threads."""
+                supervised: Supervised | None):
+    """Start-up, alone: open the models (cold, on this process's own sessions), gate and warm them off the
+    event loop in the background, swap in the warmed set. Supervised: prepare the supervisor's decision
+    and serve it once told to. Then attach the models to the inference process when there is one.
+    Shutdown: let warm-up finish, drain every queue, stop the threads."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         encoder = ThreadPoolExecutor(max_workers=settings.encode_threads, thread_name_prefix="encode")
@@ -100,16 +105,21 @@ def lifespan_of(settings: Settings, plan: Plan, metrics: Metrics, keys: dict[str
                               threads=settings.gpu_batches_in_flight if plan.inference_socket else 1)
         loader = Loader(settings, plan, make_queue, metrics.placement_changed)
         app.state.settings, app.state.plan = settings, plan
-        app.state.models = open_set(loader)
-        log.info("serving %d model(s): %s", len(app.state.models.models), ", ".join(app.state.models.models) or "none")
-        app.state.reloader = reloader = Reloader(app.state, loader, metrics)
+        warming = None
+        reloader: Reloader | Follower
+        if supervised is not None:
+            app.state.models = ModelSet(Manifest(), {}, {})  # nothing until the first set is committed
+            app.state.reloader = reloader = Follower(app.state, loader, supervised.channel)
+            reloader.start(supervised.decision, supervised.failure)
+            await reloader.first()
+        else:
+            app.state.models = open_set(loader)
+            log.info("serving %d model(s): %s", len(app.state.models.models), ", ".join(app.state.models.models) or "none")
+            app.state.reloader = reloader = Reloader(app.state, loader, metrics)
+            if warm:
+                warming = asyncio.create_task(reloader.warm_up())
         attacher = Attacher(plan.inference_socket, lambda: app.state.models.versions.values(),
                             max(settings.max_n, settings.batch_max_size)) if plan.inference_socket else None
-        warming = None
-        if on_ready is not None:
-            await reloader.warm_up(on_ready)
-        elif warm:
-            warming = asyncio.create_task(reloader.warm_up())
         if attacher is not None:
             attacher.start()
         reloader.listen()

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     quality_gate: bool = Field(True, description="before a model is served (start-up, reload), score seeded samples "
                                                  "with its judge and leave it out when they fall short of the "
                                                  "figures its manifest entry records; off: serve it unchecked")
+    gate_cache_dir: Path | None = Field(None, description="where the quality gate's measurements are remembered, by "
+                                                         "the file, the judge and ONNX Runtime that determine them, "
+                                                         "so a restart or a repeated reload does not gate again. "
+                                                         "Default: $XDG_CACHE_HOME/digit-gen/gates (~/.cache/...); "
+                                                         "unwritable: remembered in memory only")
     cors_origins: list[str] = Field(default_factory=list,
                                     description='origins allowed by CORS, e.g. ["http://localhost:3000"] or ["*"]')
 

@@ -9,6 +9,7 @@ to that model's queue, so a reload swapping the set in between cannot split them
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 from fastapi import Request
@@ -31,7 +32,7 @@ def settings(request: Request) -> Settings:
 
 def model_for(models: ModelSet, name: str | None, endpoint: str, version: str | None = None) -> ModelRuntime:
     """The named model (a pinned version of it when `version` is given), or the endpoint's default when
-    `name` is None; 404 naming what is available."""
+    `name` is None; 404 naming what is available. Unpinned, a model with a canary sends it its share."""
     name = name or models.default(endpoint)
     if name is None:
         raise ApiError(503, f"no model loaded that can serve /{endpoint}")
@@ -46,6 +47,9 @@ def model_for(models: ModelSet, name: str | None, endpoint: str, version: str | 
     model = models.models.get(name)
     if model is None:
         raise ApiError(404, f"model {name!r} not found{models.unavailable(name)}")
+    canary = models.canaries.get(name)
+    if canary is not None and random.random() < canary[1]:
+        return canary[0]
     return model
 
 

@@ -2,8 +2,8 @@
 
 A model's queue hands a few rows of a batch's output to `LiveQuality.offer` (at most LIVE_ROWS rows every
 LIVE_INTERVAL_S per model, dropped when the scorer is behind); one thread per worker scores them with the
-model's judge and keeps each model's last LIVE_WINDOW scores, shown as a gauge in /metrics and in
-/models/{name}.
+model's judge and keeps each version's last LIVE_WINDOW scores (a canary beside its default), shown as a
+gauge in /metrics and in /models/{name}.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class LiveQuality:
         self._confidence, self._scored = metrics.live_confidence, metrics.live_scored
         self._rows: queue.Queue = queue.Queue(LIVE_QUEUE)
         self._due: dict[str, float] = {}
-        self._windows: dict[str, tuple[str, deque]] = {}  # model -> (its file's sha256, last scores)
-        self.live: dict[str, dict] = {}  # model -> {"sha256", "confidence", "samples"}, each replaced whole
+        self._windows: dict[str, deque] = {}  # name@version -> its last scores
+        self.live: dict[str, dict] = {}  # name@version -> {"confidence", "samples"}, each replaced whole
         self._thread = threading.Thread(target=self._score, name="live-quality", daemon=True)
         self._thread.start()
 
@@ -47,18 +47,18 @@ class LiveQuality:
         """From a batch thread once the model ran: hand a few rows of its output [N, 1, 28, 28] to the scorer,
         at most every LIVE_INTERVAL_S per model; dropped when the scorer is behind."""
         now = time.monotonic()
-        if now < self._due.get(model.name, 0.0):
+        if now < self._due.get(model.key, 0.0):
             return
-        self._due[model.name] = now + LIVE_INTERVAL_S
+        self._due[model.key] = now + LIVE_INTERVAL_S
         try:
             self._rows.put_nowait((model, output[:LIVE_ROWS].copy()))
         except queue.Full:
             pass
 
     def snapshot(self, model: ModelRuntime) -> dict | None:
-        """The live figure of this model's file, or None before any of its output was scored."""
-        live = self.live.get(model.name)
-        if live is None or live["sha256"] != model.entry.sha256:
+        """The live figure of this version of the model, or None before any of its output was scored."""
+        live = self.live.get(model.key)
+        if live is None:
             return None
         return {"confidence": live["confidence"], "samples": live["samples"], "window": LIVE_WINDOW}
 
@@ -84,12 +84,9 @@ class LiveQuality:
             except Exception as err:  # live scoring must never stop: log, and score the next rows
                 log.warning("model %s: live scoring failed: %s", model.name, err)
                 continue
-            sha, found = self._windows.get(model.name, (None, None))
-            window: deque = found if found is not None and sha == model.entry.sha256 else deque(maxlen=LIVE_WINDOW)
-            if window is not found:
-                self._windows[model.name] = (model.entry.sha256, window)
+            window = self._windows.setdefault(model.key, deque(maxlen=LIVE_WINDOW))
             window.extend(confident.tolist())
             value = sum(window) / len(window)
-            self.live[model.name] = {"sha256": model.entry.sha256, "confidence": value, "samples": len(window)}
-            self._confidence.labels(model.name).set(value)
-            self._scored.labels(model.name).set(len(window))
+            self.live[model.key] = {"confidence": value, "samples": len(window)}
+            self._confidence.labels(model.name, model.entry.version).set(value)
+            self._scored.labels(model.name, model.entry.version).set(len(window))

@@ -42,6 +42,17 @@ class TrainingSummary(_Strict):
     device: str
     images_per_s: float = Field(ge=0, description="mean training throughput")
     torch: str
+    settings: dict[str, dict[str, object]] | None = Field(
+        None, description="every setting of the run that made it: `train` (the recipe's flags: dataset, epochs, "
+                          "batch size, learning rates, seed...) and `model` (the network's sizes); absent for "
+                          "files exported before it was recorded")
+
+    @model_serializer(mode="wrap")
+    def _without_settings(self, write) -> dict:
+        data = write(self)
+        if self.settings is None:
+            data.pop("settings", None)
+        return data
 
 
 class QualityFigures(_Strict):
@@ -95,14 +106,19 @@ class ModelEntry(_Strict):
         default_factory=dict, description="the evaluator's figures (training/evaluate.py)")
     quality: QualityFigures | None = Field(
         None, description="what the judge's ONNX file measured of this file; the quality gate compares with it")
+    accepted_worse: str | None = Field(
+        None, min_length=1, max_length=500,
+        description="why this version may replace a better one (`export --accept-worse REASON`); without it, a "
+                    "version that scores worse than the one it would replace is refused, at export and at the gate")
 
     @model_serializer(mode="wrap")
     def _without_quality(self, write) -> dict:
-        """No `quality` key for a model without figures, as before they existed; the version written beside
-        the sha256 it comes from, for readers of the file."""
+        """No `quality` (or `accepted_worse`) key for a model without one, as before they existed; the version
+        written beside the sha256 it comes from, for readers of the file."""
         data = write(self)
-        if self.quality is None:
-            data.pop("quality", None)
+        for optional in ("quality", "accepted_worse"):
+            if getattr(self, optional) is None:
+                data.pop(optional, None)
         data["version"] = self.version
         return data
 
@@ -143,9 +159,24 @@ class Defaults(_Strict):
     interpolate: str | None = None
 
 
+class Canary(_Strict):
+    """A second version that gets a share of a model's unpinned requests, to compare with the default."""
+    version: str = Field(pattern=r"^[0-9a-f]{12}$")
+    share: float = Field(gt=0, lt=1, description="the probability that an unpinned request goes to it")
+
+
 class Rollout(_Strict):
-    """Which version of a model serves the requests that do not pin one."""
+    """Which version of a model serves the requests that do not pin one (and, with a canary, which share
+    of them goes to a second version)."""
     default: str = Field(pattern=r"^[0-9a-f]{12}$")
+    canary: Canary | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_canary(self, write) -> dict:
+        data = write(self)
+        if self.canary is None:
+            data.pop("canary", None)
+        return data
 
 
 class Manifest(_Strict):
@@ -186,6 +217,10 @@ class Manifest(_Strict):
             if f"{name}@{rollout.default}" not in keys:
                 raise ValueError(f"rollouts.{name}.default names version {rollout.default}, which is not among "
                                  f"{name}'s versions")
+            canary = rollout.canary
+            if canary is not None and (canary.version == rollout.default or f"{name}@{canary.version}" not in keys):
+                raise ValueError(f"rollouts.{name}.canary.version names version {canary.version}, which is not "
+                                 f"another of {name}'s versions")
         several = sorted({n for n in names if names.count(n) > 1} - set(self.rollouts))
         if several:
             raise ValueError(f"{', '.join(several)}: several versions and no rollouts entry naming the default")
@@ -207,6 +242,14 @@ class Manifest(_Strict):
                 return entry
         raise KeyError(name)
 
+    def canary(self, name: str) -> tuple[ModelEntry, float] | None:
+        """The version that gets a share of `name`'s unpinned requests, and that share; None without one."""
+        rollout = self.rollouts.get(name)
+        if rollout is None or rollout.canary is None:
+            return None
+        version = rollout.canary.version
+        return next(e for e in self.models if e.name == name and e.version == version), rollout.canary.share
+
     def versions(self, name: str) -> list[ModelEntry]:
         return [entry for entry in self.models if entry.name == name]
 
@@ -220,16 +263,21 @@ class Manifest(_Strict):
         return next((j for j in self.judges if j.name == name or (name is None and entry.dataset in j.datasets)),
                     None)
 
-    def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = (), serve: bool = True) -> Manifest:
+    def upsert(self, entry: ModelEntry, default_for: tuple[str, ...] = (), serve: bool = True,
+               canary: float | None = None) -> Manifest:
         """A copy with `entry` added as a version of its model (the same version replaced), the endpoint
-        defaults updated; `serve`: it becomes the version unpinned requests get (else the current one stays)."""
+        defaults updated; `serve`: it becomes the version unpinned requests get (else the current one stays,
+        and with `canary` the new one gets that share of its unpinned requests)."""
         models = [m for m in self.models if m.key != entry.key] + [entry]
         defaults = self.defaults.model_copy(update={e: entry.name for e in default_for})
         rollouts = dict(self.rollouts)
-        if serve or entry.name not in self.names:
+        if serve and canary is None or entry.name not in self.names:
             rollouts[entry.name] = Rollout(default=entry.version)
-        elif entry.name not in rollouts:  # the version served until now stays, named now that there are two
-            rollouts[entry.name] = Rollout(default=self.model(entry.name).version)
+        else:  # the version served until now stays, named now that there are two
+            current = self.model(entry.name).version
+            kept = rollouts.get(entry.name)
+            rollouts[entry.name] = Rollout(default=current, canary=Canary(version=entry.version, share=canary)
+                                           if canary is not None else kept.canary if kept else None)
         return self._with(models, defaults, self.judges, rollouts)
 
     def upsert_judge(self, judge: JudgeEntry, models: list[ModelEntry]) -> Manifest:

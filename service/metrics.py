@@ -22,26 +22,27 @@ class Metrics:
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("digitgen_request_seconds", "HTTP request latency by endpoint",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.inference = Histogram("digitgen_inference_seconds", "ONNX Runtime time per batched call, by model",
-                                   ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.batch = Histogram("digitgen_inference_batch_size", "images per ONNX Runtime call, by model",
-                               ["model"], buckets=BATCH_BUCKETS, registry=self.registry)
-        self.queue_wait = Histogram("digitgen_queue_wait_seconds", "time a request waited for its batch, by model",
-                                    ["model"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.inference = Histogram("digitgen_inference_seconds", "ONNX Runtime time per batched call, by model and version",
+                                   ["model", "version"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram("digitgen_inference_batch_size", "images per ONNX Runtime call, by model and version",
+                               ["model", "version"], buckets=BATCH_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("digitgen_queue_wait_seconds", "time a request waited for its batch, by model "
+                                    "and version (its count: requests each version served)",
+                                    ["model", "version"], buckets=QUEUE_BUCKETS, registry=self.registry)
         self.reloads = Counter("digitgen_reloads", "model set reloads (SIGHUP) by result: ok or failed",
                                ["result"], registry=self.registry)
         self.key_requests = Counter("digitgen_key_requests", "requests by API key name (never the key)",
                                     ["key"], registry=self.registry)
-        self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model",
-                            ["model"], registry=self.registry, multiprocess_mode="livesum")
+        self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model and version",
+                            ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
         # Each worker scores its own share of what it served: the scrape shows the lowest live worker's
         # figure (a worker serving worse output shows, where a mean would hide it) and the samples behind all.
         self.live_confidence = Gauge("digitgen_live_confidence", "the judge's confidence (share of samples above "
                                      "its threshold) over the last samples a model served and the judge scored; "
-                                     "lowest of the workers", ["model"], registry=self.registry,
+                                     "lowest of the workers", ["model", "version"], registry=self.registry,
                                      multiprocess_mode="livemin")
         self.live_scored = Gauge("digitgen_live_scored_samples", "served samples behind digitgen_live_confidence, "
-                                 "all workers", ["model"], registry=self.registry, multiprocess_mode="livesum")
+                                 "all workers", ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
 
         self.gpu_memory = Gauge("digitgen_gpu_memory_bytes", "GPU memory the workers hold themselves "
                                 "(nvidia-smi), updated every GPU_MEMORY_EVERY_S while a model runs on CUDA",

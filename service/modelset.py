@@ -2,9 +2,10 @@
 
 A ModelSet holds the manifest, the models that loaded (each a ModelRuntime), their queues, the defaults,
 why any model was left out, and the judges with what the quality gate measured of each model
-(service/quality.py). Nothing edits a set: start-up opens one, warm-up and every reload build the next one
-and the app swaps it in with one assignment (service/reload.py, the only writer). A request reads the set
-once and takes its model and queue from that same set, so it never sees half of a swap.
+(service/quality.py). Nothing edits a set: start-up opens one, and each decision of service/lifecycle.py is
+prepared into the next one (`prepare`: opened and warmed) and swapped in with one assignment
+(service/reload.py, the only writer). A request reads the set once and takes its model and queue from that
+same set, so it never sees half of a swap.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from service.config import Settings
-from service.manifest import ENDPOINTS, Manifest, ManifestError, ModelEntry, load_manifest, sha256_of
+from service.manifest import ENDPOINTS, Manifest, ModelEntry, load_manifest, parse_manifest
 from service.plan import Plan, make_plan
-from service.quality import NO_JUDGES, GateResult, Judges, open_judges, screen
+from service.quality import NO_JUDGES, GateResult, Judges, open_judges
 from service.runtime.model import ModelRuntime, OnChange, open_model
 from service.runtime.model_queue import ModelQueue
 from service.runtime.session import ModelFileError
@@ -58,11 +59,12 @@ class Loader:
     def models_dir(self) -> Path:
         return Path(self.settings.models_dir)
 
-    def open(self, entry: ModelEntry) -> ModelRuntime:
+    def open(self, entry: ModelEntry, content: bytes | None = None) -> ModelRuntime:
+        """The version's runtime; from `content` (its file's bytes, already checked) when given."""
         settings, plan = self.settings, self.plan
         return open_model(entry, self.models_dir, plan.worker_providers, plan.intra_op_threads,
                           plan.inference_socket is not None, settings.gpu_deadline_min_ms / 1000,
-                          settings.request_timeout_s / 2, self.on_change)
+                          settings.request_timeout_s / 2, self.on_change, content)
 
     def judges(self, manifest: Manifest, kept: Judges = NO_JUDGES) -> Judges:
         return open_judges(manifest, self.models_dir, self.plan.worker_providers, self.plan.intra_op_threads, kept)
@@ -80,7 +82,7 @@ def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
 @dataclass(frozen=True)
 class ModelSet:
     manifest: Manifest
-    models: Mapping[str, ModelRuntime]  # name -> the version unpinned requests get
+    models: Mapping[str, ModelRuntime]  # name -> the version unpinned requests get (but a canary's share)
     queues: Mapping[str, ModelQueue]  # name@version -> its queue
     failures: Mapping[str, str] = field(default_factory=dict)  # name (or name@version) -> why it is left out
     warmed: bool = False
@@ -88,6 +90,8 @@ class ModelSet:
     judges: Judges = field(default_factory=Judges)  # opened with the warm-up
     gated: Mapping[str, GateResult | None] = field(default_factory=dict)  # name@version -> what its gate measured
     versions: Mapping[str, ModelRuntime] = field(default_factory=dict)  # name@version -> every version loaded
+    generation: int = 0  # the decision it was built from (service/lifecycle.py); 0: opened cold, not decided
+    canaries: Mapping[str, tuple[ModelRuntime, float]] = field(default_factory=dict)  # name -> (version, share)
 
     def version(self, name: str, version: str) -> ModelRuntime | None:
         return self.versions.get(f"{name}@{version}")
@@ -121,7 +125,7 @@ class ModelSet:
 
 def _make(manifest: Manifest, runtimes: dict[str, ModelRuntime], queues: Mapping[str, ModelQueue | None],
           failures: dict[str, str], warmed: bool, settings: Settings, judges: Judges = NO_JUDGES,
-          gated: dict[str, GateResult | None] | None = None) -> ModelSet:
+          gated: dict[str, GateResult | None] | None = None, generation: int = 0) -> ModelSet:
     """The set: `runtimes` and `queues` by name@version; a model is served unpinned by its rollout's version
     when that one loaded (else the name is left out, with its reason)."""
     models = {}
@@ -131,10 +135,15 @@ def _make(manifest: Manifest, runtimes: dict[str, ModelRuntime], queues: Mapping
             models[name] = served
         elif name not in failures:
             failures[name] = failures.get(manifest.model(name).key, "its served version did not load")
+    canaries = {}
+    for name in models:
+        canary = manifest.canary(name)
+        if canary is not None and canary[0].key in runtimes:
+            canaries[name] = (runtimes[canary[0].key], canary[1])
     served_queues = {key: queue for key, queue in queues.items() if queue is not None}
     return ModelSet(manifest, MappingProxyType(models), MappingProxyType(served_queues), MappingProxyType(failures),
                     warmed, body_limit([m.entry for m in runtimes.values()], settings), judges,
-                    MappingProxyType(gated or {}), MappingProxyType(runtimes))
+                    MappingProxyType(gated or {}), MappingProxyType(runtimes), generation, MappingProxyType(canaries))
 
 
 def open_set(loader: Loader) -> ModelSet:
@@ -146,97 +155,101 @@ def open_set(loader: Loader) -> ModelSet:
         try:
             runtimes[entry.key] = loader.open(entry)
         except ModelFileError as err:
-            failures[_failure_key(manifest, entry)] = str(err)
+            failures[failure_key(manifest, entry)] = str(err)
             log.error("model %s left out: %s", entry.key, err)
     return _make(manifest, runtimes, {k: loader.make_queue(m) for k, m in runtimes.items()}, failures, False,
                  loader.settings)
 
 
-def _failure_key(manifest: Manifest, entry: ModelEntry) -> str:
+def failure_key(manifest: Manifest, entry: ModelEntry) -> str:
     """Where a version that failed is reported: under its name when it is the one served unpinned."""
     return entry.name if manifest.model(entry.name).key == entry.key else entry.key
 
 
-def warm(model: ModelRuntime, sizes: tuple[int, ...], judges: Judges, settings: Settings
-         ) -> tuple[str | None, GateResult | None]:
-    """Warm one model, then pass it through its quality gate: (the reason it failed, or None; what the
-    gate measured, or None)."""
+@dataclass(frozen=True)
+class Decision:
+    """What the service serves, decided once for every worker (service/lifecycle.py)."""
+    generation: int  # 1, 2, ... in the order decided; a worker's /readyz and /models say which it serves
+    manifest_text: str
+    admitted: dict[str, GateResult | None]  # name@version -> what its gate measured (None: not gated)
+    refused: dict[str, str]  # name (its served version) or name@version -> why
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)  # sha256 -> each admitted file's bytes,
+    # as hashed here: workers open these, never the disk, so a file emptied or replaced later cannot split them
+
+    def manifest(self) -> Manifest:
+        """The manifest as the decision read it (its text: the folder may have changed since)."""
+        return parse_manifest(self.manifest_text)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A set built from a decision, opened and warmed but not yet served: `commit` when every worker has
+    one, else `abandon`."""
+    models: ModelSet
+    fresh: list[ModelRuntime]  # opened for it: closed if it is abandoned
+    retired: list[ModelQueue]  # the current set's queues it no longer uses: closed once it serves
+
+    def abandon(self) -> None:
+        queues = {id(q.model): q for q in self.models.queues.values()}
+        for model in self.fresh:
+            queue = queues.get(id(model))
+            queue.close() if queue is not None else model.close()
+
+
+def prepare(current: ModelSet | None, decision: Decision, sizes: tuple[int, ...], loader: Loader,
+            strict: bool = True) -> Prepared:
+    """The set `decision` admits: versions this worker already serves unchanged carry on with their sessions
+    and queues; the others are opened and warmed here (the gate ran where the decision was made). A file
+    that does not open or warm here raises ReloadError, with nothing left open (not `strict`, at start-up:
+    it is left out, with its reason). Blocking: off the event loop."""
+    manifest = decision.manifest()
+    runtimes: dict[str, ModelRuntime] = {}
+    fresh: list[ModelRuntime] = []
+    failures = dict(decision.refused)
+    try:
+        for entry in manifest.models:
+            if entry.key not in decision.admitted:
+                continue
+            try:
+                runtimes[entry.key] = _ready(entry, manifest, current, sizes, loader, fresh, decision.files)
+            except ReloadError as err:
+                if strict:
+                    raise
+                failures[err.what] = err.reason
+                log.error("model %s left out: %s", entry.key, err.reason)
+    except ReloadError:
+        for model in fresh:  # what they hold in the inference process goes now, not at GC
+            model.close()
+        raise
+    old_queues = current.queues if current is not None else {}
+    queues = {key: old_queues[key] if key in old_queues else loader.make_queue(model)
+              for key, model in runtimes.items()}
+    retired = [q for key, q in old_queues.items() if queues.get(key) is not q]
+    judges = loader.judges(manifest, current.judges if current is not None else NO_JUDGES)
+    models = _make(manifest, runtimes, queues, failures, True, loader.settings, judges,
+                   {key: decision.admitted[key] for key in runtimes}, decision.generation)
+    return Prepared(models, fresh, retired)
+
+
+def _ready(entry: ModelEntry, manifest: Manifest, current: ModelSet | None, sizes: tuple[int, ...], loader: Loader,
+           fresh: list[ModelRuntime], contents: Mapping[str, bytes]) -> ModelRuntime:
+    """One admitted version, warmed: the current set's when it serves it already, else opened (and added
+    to `fresh`)."""
+    kept = current.versions.get(entry.key) if current is not None else None
+    if kept is not None and kept.entry == entry and current is not None and current.warmed:
+        return kept
+    if kept is not None and kept.entry == entry:  # opened cold at start-up: warm it now
+        model = kept
+    else:
+        try:
+            model = loader.open(entry, contents.get(entry.sha256))
+        except ModelFileError as err:
+            raise ReloadError(failure_key(manifest, entry), str(err)) from None
+        fresh.append(model)
     started = time.perf_counter()
     try:
         model.warm(sizes)
-    except Exception as err:  # a file that loads but cannot run must not take the others down
-        return f"warm-up failed: {err}", None
-    log.info("model %s warmed in %.0f ms", model.name, 1000 * (time.perf_counter() - started))
-    return screen(model, judges, settings.quality_gate)
-
-
-def warmed_set(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
-    """The set with its judges opened, every model warmed and gated, and those that failed left out; and
-    the queues of those left out, for the caller to close. Blocking: call it off the event loop."""
-    runtimes, queues, failures = dict(current.versions), dict(current.queues), dict(current.failures)
-    judges = loader.judges(current.manifest)
-    retired, gated = [], {}
-    for key, model in current.versions.items():
-        reason, gated[key] = warm(model, sizes, judges, loader.settings)
-        if reason:
-            log.error("model %s left out: %s", key, reason)
-            failures[_failure_key(current.manifest, model.entry)] = reason
-            del runtimes[key]
-            if key in queues:
-                retired.append(queues.pop(key))
-    return _make(current.manifest, runtimes, queues, failures, True, loader.settings, judges, gated), retired
-
-
-def successor(current: ModelSet, sizes: tuple[int, ...], loader: Loader) -> tuple[ModelSet, list[ModelQueue]]:
-    """The set the manifest describes now, for a reload, and the current queues it no longer uses (the
-    caller closes them once swapped). Models whose entry is unchanged carry on with their sessions and
-    queues; new or changed ones are opened, checked, warmed and gated here (judges likewise: kept when
-    unchanged). A manifest, or any model of it, that fails raises ReloadError and nothing changes.
-    Blocking: call it off the event loop."""
-    try:
-        manifest = load_manifest(loader.models_dir)
-    except ManifestError as err:
-        raise ReloadError("manifest", str(err)) from None
-    if not manifest.models:
-        raise ReloadError("manifest", "it lists no models")
-    judges = loader.judges(manifest, current.judges)
-    runtimes: dict[str, ModelRuntime] = {}
-    fresh: dict[str, ModelRuntime] = {}
-    gated: dict[str, GateResult | None] = {}
-    try:
-        for entry in manifest.models:
-            kept = current.versions.get(entry.key)
-            if kept is not None and kept.entry == entry:
-                _still_on_disk(loader.models_dir, entry, _failure_key(manifest, entry))
-                runtimes[entry.key], gated[entry.key] = kept, current.gated.get(entry.key)
-                continue
-            what = _failure_key(manifest, entry)
-            try:
-                model = fresh[entry.key] = loader.open(entry)
-            except ModelFileError as err:
-                raise ReloadError(what, str(err)) from None
-            reason, gated[entry.key] = warm(model, sizes, judges, loader.settings)
-            if reason:
-                raise ReloadError(what, reason)
-            runtimes[entry.key] = model
-    except ReloadError:
-        for model in fresh.values():  # what they hold in the inference process goes now, not at GC
-            model.close()
-        raise
-    queues = {key: current.queues[key] if key not in fresh else loader.make_queue(model)
-              for key, model in runtimes.items()}
-    retired = [q for key, q in current.queues.items() if queues.get(key) is not q]
-    return _make(manifest, runtimes, queues, {}, True, loader.settings, judges, gated), retired
-
-
-def _still_on_disk(models_dir: Path, entry: ModelEntry, what: str) -> None:
-    """A kept version's file is checked again at a reload: one emptied or replaced since is caught now,
-    not later by a worker that opens it."""
-    path = models_dir / entry.file
-    try:
-        actual = sha256_of(path)
-    except OSError as err:
-        raise ReloadError(what, f"{path} cannot be read: {err.strerror or err}") from None
-    if actual != entry.sha256:
-        raise ReloadError(what, f"{path} changed on disk since it was loaded (sha256 {actual[:12]}..., the "
-                                     f"manifest says {entry.sha256[:12]}...)")
+    except Exception as err:  # a file that loads but cannot run
+        raise ReloadError(failure_key(manifest, entry), f"warm-up failed: {err}") from None
+    log.info("model %s warmed in %.0f ms", entry.key, 1000 * (time.perf_counter() - started))
+    return model

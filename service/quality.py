@@ -27,6 +27,7 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
+from service import admission
 from service.manifest import JudgeEntry, Manifest, ModelEntry, QualityFigures
 from service.runtime.model import ModelRuntime
 from service.runtime.session import ModelFileError, open_onnx
@@ -37,7 +38,7 @@ log = logging.getLogger("digitgen.quality")
 GATE_SAMPLES = 1000  # figures within 0.015 (sd) for about 0.5 s a model: tests/benchmarks/quality_gate.py
 GATE_BATCH = 64  # images per model and judge call while gating: no larger than a served batch, so no arena grows
 GATE_Z = 4.0         # standard errors a figure may fall short by: a one-sided normal tail of 3e-5
-FIGURES = ("confidence", "min_class_share", "conditional_accuracy")
+FIGURES = admission.FIGURES
 
 
 @dataclass(frozen=True)
@@ -121,16 +122,29 @@ def tolerance(recorded: float, n: int) -> float:
 
 
 @dataclass(frozen=True)
-class GateResult:
+class Measured:
+    """What the gate measured of one file with one judge: it depends on nothing else (service/gate_cache.py)."""
     samples: int
-    measured: Mapping[str, float]
-    lowest: Mapping[str, float]  # the least each figure may be: recorded - tolerance
+    figures: dict[str, float]
     seconds: float
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """A measurement held against the entry's recorded figures and its kind's floors (service/admission.py).
+    Plain dicts: a result crosses from the supervisor to the workers."""
+    samples: int
+    measured: dict[str, float]
+    lowest: dict[str, float]  # the least each figure may be: recorded - tolerance, and never below its floor
+    seconds: float
+    floors: dict[str, float] = field(default_factory=dict)
 
     @property
     def shortfalls(self) -> list[str]:
         return [f"{key} {self.measured[key]:.4f} over {self.samples} samples, below the {self.lowest[key]:.4f} "
-                f"its recorded {key} allows" for key in self.lowest if self.measured[key] < self.lowest[key]]
+                + ("the floor for its kind of model allows" if self.floors.get(key) == self.lowest[key]
+                   else f"its recorded {key} allows")
+                for key in self.lowest if self.measured[key] < self.lowest[key]]
 
     def describe(self) -> dict:
         return {"samples": self.samples, "measured": dict(self.measured),
@@ -138,7 +152,7 @@ class GateResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def gate(model: ModelRuntime, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> GateResult:
+def measure(model: ModelRuntime, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> Measured:
     """Draw the first `samples` of the recorded figures' inputs through the model and score them."""
     started = time.perf_counter()
     n = min(samples, recorded.samples)
@@ -146,30 +160,20 @@ def gate(model: ModelRuntime, judge: Judge, recorded: QualityFigures, samples: i
     probabilities = np.concatenate([
         judge.probabilities(model.run(z[i:i + GATE_BATCH], None if y is None else y[i:i + GATE_BATCH]))
         for i in range(0, n, GATE_BATCH)])
-    measured = figures(probabilities, labels, judge.entry.confident)
-    lowest = {key: getattr(recorded, key) - tolerance(getattr(recorded, key), n)
-              for key in FIGURES if getattr(recorded, key) is not None and key in measured}
-    return GateResult(n, MappingProxyType(measured), MappingProxyType(lowest), time.perf_counter() - started)
+    return Measured(n, figures(probabilities, labels, judge.entry.confident), time.perf_counter() - started)
 
 
-def screen(model: ModelRuntime, judges: Judges, enabled: bool) -> tuple[str | None, GateResult | None]:
-    """The gate for one warmed model: (why it may not be served, or None; what the gate measured)."""
-    recorded = model.entry.quality
-    if not enabled:
-        return None, None
-    if recorded is None:
-        log.warning("model %s: its manifest entry records no quality figures; served without the quality gate",
-                    model.name)
-        return None, None
-    judge = judges.loaded.get(recorded.judge)
-    if judge is None:
-        return f"quality gate: judge {recorded.judge} is not loaded ({judges.failed.get(recorded.judge)})", None
-    try:
-        result = gate(model, judge, recorded)
-    except Exception as err:  # a model or judge that cannot run is refused, never takes the others down
-        return f"quality gate: scoring failed: {err}", None
-    if result.shortfalls:
-        return "quality gate: " + "; ".join(result.shortfalls), result
-    log.info("model %s passed the quality gate in %.0f ms (%d samples): %s", model.name, 1000 * result.seconds,
-             result.samples, ", ".join(f"{k} {v:.4f}" for k, v in result.measured.items()))
-    return None, result
+def judged(entry: ModelEntry, judge: JudgeEntry, measured: Measured) -> GateResult:
+    """The measurement against the entry's recorded figures and the floors of its kind."""
+    recorded, n = entry.quality, measured.samples
+    assert recorded is not None
+    least = admission.floors(entry, len(judge.class_names))
+    lowest = {key: max(getattr(recorded, key) - tolerance(getattr(recorded, key), n), least.get(key, 0.0))
+              for key in FIGURES if getattr(recorded, key) is not None and key in measured.figures}
+    return GateResult(n, dict(measured.figures), lowest, measured.seconds, least)
+
+
+def gate(model: ModelRuntime, judge: Judge, recorded: QualityFigures, samples: int = GATE_SAMPLES) -> GateResult:
+    """Measure the model and hold it against its figures (`recorded`) and its floors."""
+    entry = model.entry.model_copy(update={"quality": recorded})
+    return judged(entry, judge.entry, measure(model, judge, recorded, samples))

@@ -1,17 +1,18 @@
-"""The one writer of the served model set (`app.state.models`): start-up's warm-up and every reload
-build the next ModelSet off the event loop and swap it in with one assignment, one at a time.
+"""The one writer of the served model set (`app.state.models`): each decision of service/lifecycle.py is
+prepared off the event loop (service/modelset.py: opened, warmed) and swapped in with one assignment.
 
-Hot reload without downtime: `kill -HUP <pid of python -m service>` (forwarded to every worker) makes
-each worker re-read the manifest. New and changed models are opened beside the old ones, checked (sha256,
-interface), warmed and passed through their quality gate (service/quality.py); unchanged models keep their
-sessions and queues. Requests already queued for a
-replaced or removed model finish on the session they started with (its queue drains, then stops). A
-manifest or model that fails leaves the old set serving: the reason is logged, shown in /readyz under
-`left_out`, and counted in digitgen_reloads_total{result="failed"}.
+Hot reload without downtime: `kill -HUP <pid of python -m service>`. Requests already queued for a
+replaced or removed version finish on the session they started with (its queue drains, then stops). A
+manifest or version that fails leaves the old set serving: the reason is logged, shown in /readyz under
+`left_out`, and counted in digitgen_reloads_total{result="failed"}. SIGHUPs that arrive while a reload runs
+coalesce into one more reload after it.
 
-SIGHUP stays blocked from a worker's first instruction (service/workers.py) until `listen` installs the
-handler; a reload asked for during start-up is then delivered, and runs once warm-up is done. SIGHUPs that
-arrive while a reload runs coalesce into one more reload after it.
+Two owners of the decisions, one way of serving them:
+- `Reloader`, a process alone (one worker, or an app in a test): it decides itself and swaps.
+- `Follower`, a supervised worker: the supervisor decides once for all (service/coordinator.py); the worker
+  prepares each decision, says so, and swaps only when told that every worker has prepared it (or drops it
+  when told that one could not). It serves nothing until its first set is committed, so a replacement
+  worker joins with exactly the set the others serve.
 """
 
 from __future__ import annotations
@@ -19,21 +20,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from typing import Callable
 
+from service.lifecycle import Lifecycle
 from service.metrics import Metrics
-from service.modelset import Loader, ModelSet, ReloadError, successor, warmed_set
+from service.modelset import Decision, Loader, Prepared, ReloadError, prepare
 from service.runtime.model_queue import ModelQueue
 
 log = logging.getLogger("digitgen.reload")
 
 
-class Reloader:
-    def __init__(self, state, loader: Loader, metrics: Metrics):
-        self.state, self.loader, self.metrics = state, loader, metrics
-        self.failure: ReloadError | None = None  # the last reload's, until one succeeds
-        self.stopped = False
+class _Writer:
+    """What both owners share: the swap, the retirement of queues, the failure shown in /readyz."""
+
+    def __init__(self, state, loader: Loader):
+        self.state, self.loader = state, loader
+        self.failure: tuple[str, str] | None = None  # (what, why) of the last reload, until one succeeds
         self.sizes = (1, loader.settings.max_n)  # the batch sizes every model is warmed at
+        self.stopped = False
+
+    def left_out(self) -> dict[str, str]:
+        return {self.failure[0]: f"reload failed, the previous version serves: {self.failure[1]}"} \
+            if self.failure else {}
+
+    async def _prepare(self, decision: Decision, strict: bool = True) -> Prepared:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, prepare, self.state.models, decision, self.sizes, self.loader, strict)
+
+    async def _swap(self, prepared: Prepared) -> None:
+        old, new = self.state.models, prepared.models
+        self.state.models = new
+        await _retire(prepared.retired)
+        changed = [k for k, m in new.versions.items() if old.versions.get(k) is not m]
+        log.info("serving generation %d: %d model(s) (%s new or changed, %d retired): %s", new.generation,
+                 len(new.models), ", ".join(changed) or "none", len(prepared.retired), ", ".join(new.models) or "none")
+
+
+class Reloader(_Writer):
+    """A process alone: decides (service/lifecycle.py) and swaps, one reload at a time."""
+
+    def __init__(self, state, loader: Loader, metrics: Metrics, lifecycle: Lifecycle | None = None):
+        super().__init__(state, loader)
+        self.metrics = metrics
+        self.lifecycle = lifecycle or Lifecycle(loader.settings, loader.plan)
         self._lock = asyncio.Lock()  # one writer at a time
         self._reloading = False  # a reload asked for by signal is under way
         self._again = False  # and another was asked for meanwhile: one more runs after it, however many came
@@ -50,8 +80,7 @@ class Reloader:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
     def request(self) -> None:
-        """A SIGHUP: reload, coalescing those that arrive while one runs into one more reload after it (a
-        storm of signals costs two reloads, not one per signal)."""
+        """A SIGHUP: reload, coalescing those that arrive while one runs into one more reload after it."""
         if self._reloading:
             self._again = True
             return
@@ -68,20 +97,21 @@ class Reloader:
         finally:
             self._reloading = False
 
-    def left_out(self) -> dict[str, str]:
-        return {self.failure.what: f"reload failed, the previous version serves: {self.failure.reason}"} \
-            if self.failure else {}
-
     async def warm_up(self, on_ready: Callable[[], None] | None = None) -> None:
-        """Start-up: warm every model; the set without those that fail replaces the cold one. Then
-        `on_ready` (the worker's supervisor learns it started), when any model is left to serve."""
+        """Start-up: decide (every version gated; those refused are left out), warm what is admitted, swap
+        it in. Then `on_ready`, when any model is left to serve."""
         async with self._lock:
             loop = asyncio.get_running_loop()
-            new, retired = await loop.run_in_executor(None, warmed_set, self.state.models, self.sizes, self.loader)
-            self.state.models = new
-        await self._retire(retired)
-        log.info("ready: %d model(s): %s", len(new.models), ", ".join(new.models) or "none")
-        if on_ready is not None and new.ready:
+            try:
+                decision = await loop.run_in_executor(None, self.lifecycle.decide, False)
+                prepared = await self._prepare(decision, strict=False)
+            except ReloadError as err:  # a manifest gone since start-up: nothing to serve
+                self.failure = (err.what, err.reason)
+                log.error("no models to serve: %s", err)
+                return
+            self.lifecycle.commit(decision)
+            await self._swap(prepared)
+        if on_ready is not None and prepared.models.ready:
             on_ready()
 
     async def stop(self) -> None:
@@ -94,28 +124,112 @@ class Reloader:
         async with self._lock:
             if self.stopped:
                 return False
-            old: ModelSet = self.state.models
             loop = asyncio.get_running_loop()
             try:
-                new, retired = await loop.run_in_executor(None, successor, old, self.sizes, self.loader)
+                decision = await loop.run_in_executor(None, self.lifecycle.decide, True)
+                prepared = await self._prepare(decision)
             except ReloadError as err:
-                self.failure = err.with_traceback(None)  # its frames would keep the failed set's models alive
+                self.failure = (err.what, err.reason)
                 self.metrics.reloads.labels("failed").inc()
                 log.error("reload failed, the previous models keep serving: %s", err)
                 return False
-            self.state.models = new
+            self.lifecycle.commit(decision)
             self.failure = None
             self.metrics.reloads.labels("ok").inc()
-        await self._retire(retired)
-        changed = [k for k, m in new.versions.items() if old.versions.get(k) is not m]
-        log.info("reloaded: %d model(s) (%s new or changed, %d retired): %s", len(new.models),
-                 ", ".join(changed) or "none", len(retired), ", ".join(new.models))
+            await self._swap(prepared)
         return True
 
-    @staticmethod
-    async def _retire(queues: list[ModelQueue]) -> None:
-        """Close the queues no set uses any more: their queued requests finish first (within the close's
-        timeout: a model stuck in a call cannot hold a reload or a shutdown)."""
+
+class Follower(_Writer):
+    """A supervised worker's side of the lifecycle: it prepares what the supervisor decided and switches
+    when told (messages in service/coordinator.py)."""
+
+    def __init__(self, state, loader: Loader, channel):
+        super().__init__(state, loader)
+        self.channel = channel  # a multiprocessing Connection to the supervisor
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._first: asyncio.Future | None = None  # the first set committed (or why it could not be prepared)
+        self._pending: Prepared | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self, decision: Decision, failure: tuple[str, str] | None) -> None:
+        """Prepare the decision the worker was started with, and follow the supervisor from then on."""
         loop = asyncio.get_running_loop()
-        for queue in queues:
-            await loop.run_in_executor(None, queue.close)
+        self._first = loop.create_future()
+        self._inbox.put_nowait(("prepare", decision, failure))
+        threading.Thread(target=self._receive, args=(loop,), name="lifecycle", daemon=True).start()
+        self._task = loop.create_task(self._follow())
+
+    async def first(self) -> None:
+        """Until the first set is committed: the worker listens only then. ReloadError when it cannot be
+        prepared here (the worker does not start)."""
+        assert self._first is not None
+        await self._first
+
+    def listen(self) -> None:
+        """SIGHUP goes to the supervisor, which decides; a worker ignores one sent to it directly."""
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self._task is not None:
+            self._task.cancel()
+        if self._pending is not None:
+            self._pending.abandon()
+
+    def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except (EOFError, OSError):  # the supervisor is gone: the worker dies with it (service/orphans.py)
+                return
+            loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+
+    def _send(self, *message) -> None:
+        try:
+            self.channel.send(message)
+        except (OSError, ValueError) as err:
+            log.warning("the supervisor cannot be told %s: %s", message[0], err)
+
+    async def _follow(self) -> None:
+        while True:
+            kind, *args = await self._inbox.get()
+            if kind == "prepare":
+                decision, self.failure = args
+                await self._on_prepare(decision)
+            elif kind == "commit" and self._pending is not None and self._pending.models.generation == args[0]:
+                prepared, self._pending = self._pending, None
+                await self._swap(prepared)
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                self._send("serving", args[0])
+            elif kind == "abort":
+                generation, self.failure = args
+                if self._pending is not None and self._pending.models.generation == generation:
+                    self._pending.abandon()
+                    self._pending = None
+            elif kind == "failed":
+                self.failure = args[0]
+
+    async def _on_prepare(self, decision: Decision) -> None:
+        if self._pending is not None:  # superseded before it was committed
+            self._pending.abandon()
+            self._pending = None
+        try:
+            self._pending = await self._prepare(decision)
+        except ReloadError as err:
+            log.error("generation %d cannot be prepared here: %s", decision.generation, err)
+            self._send("prepared", decision.generation, (err.what, err.reason))
+            if self._first is not None and not self._first.done():
+                self._first.set_exception(err)
+            return
+        self._send("prepared", decision.generation, None)
+
+
+async def _retire(queues: list[ModelQueue]) -> None:
+    """Close the queues no set uses any more: their queued requests finish first (within the close's
+    timeout: a model stuck in a call cannot hold a reload or a shutdown)."""
+    loop = asyncio.get_running_loop()
+    for queue in queues:
+        await loop.run_in_executor(None, queue.close)

@@ -6,21 +6,23 @@ and they stay there. Measured here with 64 persistent connections: 476 CPU ticks
 the other, 3,800 instead of 6,200 requests/s. With a socket per worker the kernel spreads connections
 across them by hash.
 
-The supervisor tells a failed start from a death by readiness, not by age: a worker warms its models
-before it listens (so the kernel never hands a cold worker a connection) and then signals. One of the first
-workers that exits before that is a failed start (a bad setting or
-model folder: restarting would only loop), and the service stops; a worker that was ready and died is
-replaced, at once when it had served STABLE_S, else after a growing delay (a crash loop re-running warm-up
-and the gate back to back would starve the others), as is a replacement that fails to start; its live
-metrics are dropped from the shared files. SIGHUP (reload) is forwarded to every worker; it stays blocked
-in a worker from its first instruction until the app listens for it (service/reload.py). Workers die with
-the supervisor (service/orphans.py): a killed supervisor leaves nobody serving on its port.
+The supervisor decides what every worker serves (service/coordinator.py, service/lifecycle.py): a worker
+starts with the decision being served, prepares it (opens and warms its models) before it listens (so the
+kernel never hands a cold worker a connection) and listens once told to commit it. The supervisor tells a
+failed start from a death by readiness, not by age: one of the first workers that exits before it serves is
+a failed start (a bad setting or model folder: restarting would only loop), and the service stops; a worker
+that was ready and died is replaced, at once when it had served STABLE_S, else after a growing delay (a
+crash loop re-running warm-up back to back would starve the others), as is a replacement that fails to
+start; its live metrics are dropped from the shared files. SIGHUP (reload) is the supervisor's: it decides
+once and the workers switch together. Workers die with the supervisor (service/orphans.py): a killed
+supervisor leaves nobody serving on its port.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -32,15 +34,26 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import uvicorn
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Counter, multiprocess, values
 
+from service.coordinator import Coordinator
+from service.lifecycle import Lifecycle
+from service.modelset import Decision, ReloadError
 from service.orphans import die_with_parent
 
 log = logging.getLogger("digitgen.workers")
 
 RETRY_DELAYS_S = (1, 2, 4, 8, 16, 30)  # before restarting a worker that keeps failing, then every 30 s
 STABLE_S = 60.0  # a worker that served this long before it died is replaced at once
-AppFactory = Callable[..., Any]  # (on_ready=callable) -> ASGI app; picklable (it crosses to spawned workers)
+AppFactory = Callable[..., Any]  # (supervised=Supervised) -> ASGI app; picklable (it crosses to spawned workers)
+
+
+@dataclass(frozen=True)
+class Supervised:
+    """What a worker gets from its supervisor: the channel, and the decision to serve first."""
+    channel: Any  # a multiprocessing Connection
+    decision: Decision
+    failure: tuple[str, str] | None  # the last reload's, shown in /readyz
 
 
 def supported() -> bool:
@@ -70,11 +83,11 @@ def reload_signal_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def run(app_factory: AppFactory, options: dict, workers: int) -> int:
+def run(app_factory: AppFactory, options: dict, workers: int, lifecycle: Lifecycle) -> int:
     """Serve the app with `workers` processes (a socket each, Linux), or in this process; the exit
     status. `options`: uvicorn.Config's host, port, log_level, access_log. OSError when the port is taken."""
     if workers > 1 and supported():
-        return serve(app_factory, options, workers)
+        return serve(app_factory, options, workers, lifecycle)
     if workers > 1:
         log.warning("workers=%d needs Linux (a socket per worker); serving with one process", workers)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until the app listens for it
@@ -85,35 +98,49 @@ def run(app_factory: AppFactory, options: dict, workers: int) -> int:
 @dataclass
 class Worker:
     process: Any  # a spawned multiprocessing Process; None: waiting out a retry delay
-    ready: Any  # a multiprocessing Event, set once the worker's models are warmed
+    channel: Any  # the supervisor's end of its Connection
     first: bool  # one of the workers the service started with
     failures: int = 0  # failed starts or early deaths in a row in this slot
     retry_at: float = 0.0
     started: float = 0.0  # time.monotonic()
+    ready: bool = False  # it serves: it committed its first set
+    generation: int = 0  # the decision it serves
+    held: int | None = None  # prepared while a reload ran: waits for its outcome (service/coordinator.py)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.channel.send(message)
+        except (OSError, ValueError):  # it died meanwhile: check() replaces it
+            pass
 
 
 class Supervisor:
-    """Starts the workers, replaces the dead, forwards SIGHUP, stops them on SIGINT/SIGTERM."""
+    """Starts the workers, replaces the dead, decides their models (SIGHUP), stops them on SIGINT/SIGTERM."""
 
-    def __init__(self, app_factory: AppFactory, options: dict):
+    def __init__(self, app_factory: AppFactory, options: dict, lifecycle: Lifecycle):
         self.app_factory, self.options = app_factory, options
         self.context = multiprocessing.get_context("spawn")
         self.stop = threading.Event()
         self.workers: list[Worker] = []
+        self.coordinator = Coordinator(lifecycle, _reload_counter())
 
     def start(self, first: bool, failures: int = 0) -> Worker:
-        ready = self.context.Event()
-        process = self.context.Process(target=_worker, args=(self.app_factory, self.options, ready, os.getpid()),
+        ours, theirs = self.context.Pipe()
+        supervised = Supervised(theirs, self.coordinator.served, self.coordinator.failure)
+        process = self.context.Process(target=_worker, args=(self.app_factory, self.options, supervised, os.getpid()),
                                        name="digitgen-worker")
         with reload_signal_blocked():  # the child inherits the mask: SIGHUP cannot kill it while it starts
             process.start()
-        return Worker(process, ready, first, failures, started=time.monotonic())
+        theirs.close()
+        return Worker(process, ours, first, failures, started=time.monotonic())
 
     def forward_reload(self, *_) -> None:
-        """SIGHUP: each worker reloads its models (service/reload.py)."""
-        for worker in self.workers:
-            if worker.process is not None and worker.process.is_alive():
-                os.kill(worker.process.pid, signal.SIGHUP)
+        """SIGHUP: decide the next set once, for every worker (service/coordinator.py)."""
+        self.coordinator.request()
 
     def check(self, i: int) -> bool:
         """Look after slot i: replace a dead worker. False when the service must stop."""
@@ -126,34 +153,61 @@ class Supervisor:
             return True
         pid, status = worker.process.pid, worker.process.exitcode
         _drop_metrics(pid)
+        self.coordinator.gone(worker, self.workers)
+        worker.channel.close()
         lived = time.monotonic() - worker.started
-        if worker.ready.is_set() and lived >= STABLE_S:
+        if worker.ready and lived >= STABLE_S:
             log.warning("worker %s exited (status %s) after %.0f s; starting another", pid, status, lived)
             self.workers[i] = self.start(first=False)
             return True
-        if not worker.ready.is_set() and worker.first:
+        if not worker.ready and worker.first:
             log.error("worker %s exited before it was ready (status %s); stopping", pid, status)
             return False
         delay = RETRY_DELAYS_S[min(worker.failures, len(RETRY_DELAYS_S) - 1)]
         log.error("worker %s exited (status %s) %s %.1f s after it started; starting another in %d s "
-                  "(%d failure(s) in a row)", pid, status, "ready," if worker.ready.is_set() else "before it was ready,",
+                  "(%d failure(s) in a row)", pid, status, "ready," if worker.ready else "before it was ready,",
                   lived, delay, worker.failures + 1)
-        self.workers[i] = Worker(None, worker.ready, False, worker.failures + 1, time.monotonic() + delay)
+        self.workers[i] = Worker(None, None, False, worker.failures + 1, time.monotonic() + delay)
         return True
 
     def run(self, count: int) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, self.forward_reload)
+        try:
+            self.coordinator.start()
+        except ReloadError as err:
+            log.error("nothing to serve: %s", err)
+            return 1
         self.workers = [self.start(first=True) for _ in range(count)]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back since python -m service began
         status = 0
-        while not self.stop.wait(0.2):
+        while not self.stop.is_set():
+            self.listen(0.2)
+            self.coordinator.tick(self.workers)
             if not all([self.check(i) for i in range(len(self.workers))]):
                 status = 1
                 break
         self.shutdown()
+        self.coordinator.close()
         return status
+
+    def listen(self, timeout: float) -> None:
+        """Pass what the workers say to the coordinator, for at most `timeout` seconds."""
+        channels = {id(w.channel): w for w in self.workers if w.channel is not None and not w.channel.closed}
+        try:
+            ready = multiprocessing.connection.wait([w.channel for w in channels.values()], timeout)
+        except OSError:
+            return
+        for channel in ready:
+            assert isinstance(channel, multiprocessing.connection.Connection)
+            worker = channels[id(channel)]
+            try:
+                message = channel.recv()
+            except (EOFError, OSError):  # it died: check() sees to it; stop listening to it
+                channel.close()
+                continue
+            self.coordinator.received(worker, message, self.workers)
 
     def shutdown(self) -> None:
         started = [w.process for w in self.workers if w.process is not None]
@@ -167,11 +221,29 @@ class Supervisor:
                 process.join()
 
 
-def serve(app_factory: AppFactory, options: dict, workers: int) -> int:
+def serve(app_factory: AppFactory, options: dict, workers: int, lifecycle: Lifecycle) -> int:
     """Run `workers` processes until SIGINT/SIGTERM; the exit status (1: a worker failed to start)."""
     # Is the port free? Bound without SO_REUSEPORT, or we would join another server's group unnoticed.
     listening_socket(options["host"], options["port"], shared=False).close()
-    return Supervisor(app_factory, options).run(workers)
+    return Supervisor(app_factory, options, lifecycle).run(workers)
+
+
+def _reload_counter() -> Counter | None:
+    """digitgen_reloads_total, counted once per reload by the supervisor, in the workers' shared metric
+    files. prometheus_client picks its value class at import, before `python -m service` set the folder:
+    the file-backed class is lent while the counter and both its series are made, then put back."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return None
+    previous = values.ValueClass
+    values.ValueClass = values.MultiProcessValue()
+    try:
+        counter = Counter("digitgen_reloads", "model set reloads (SIGHUP) by result: ok or failed", ["result"],
+                          registry=CollectorRegistry())
+        for result in ("ok", "failed"):
+            counter.labels(result)
+    finally:
+        values.ValueClass = previous
+    return counter
 
 
 def _drop_metrics(pid: int | None) -> None:
@@ -180,11 +252,14 @@ def _drop_metrics(pid: int | None) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def _worker(app_factory: AppFactory, options: dict, ready, parent: int) -> None:
-    """One worker: SIGHUP is still blocked here (inherited), until the app's reloader listens for it."""
+def _worker(app_factory: AppFactory, options: dict, supervised: Supervised, parent: int) -> None:
+    """One worker: SIGHUP is still blocked here (inherited), until the app ignores it (the supervisor's)."""
     die_with_parent(parent)
     logging.basicConfig(level=options.get("log_level", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a spawned process starts bare
     sock = listening_socket(options["host"], options["port"])
-    app = app_factory(on_ready=ready.set)
-    uvicorn.Server(uvicorn.Config(app, **options)).run(sockets=[sock])
+    app = app_factory(supervised=supervised)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    server.run(sockets=[sock])
+    if not server.started:  # its start-up failed (logged): not a clean exit
+        sys.exit(3)

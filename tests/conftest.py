@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -19,6 +23,12 @@ from training.data import DigitData, Split, load_dataset
 from training.models import MODELS, model_config
 from training.trainers import train_config
 
+# The quality gate's cache (service/gate_cache.py) in a folder of this run, never the user's: each run gates
+# afresh, and the processes the tests start inherit it.
+_CACHE = tempfile.mkdtemp(prefix="digitgen-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
+
 TINY = {
     "vae": {"channels": "8,16", "hidden": "32", "latent_dim": "4", "prior_flow": "2", "flow_hidden": "16"},
     "cvae": {"channels": "8,16", "hidden": "32", "latent_dim": "4", "prior_flow": "2", "flow_hidden": "16"},
@@ -28,6 +38,10 @@ TINY = {
     "wgan": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
     "wgan-clip": {"g_channels": "8", "d_channels": "8", "latent_dim": "8"},
 }
+
+# Tiny runs train for seconds and score below the floors of service/admission.py: export lists them only with
+# --accept-worse, and the service's gate refuses them.
+TINY_MODEL = "a tiny test model, trained for seconds"
 
 
 @pytest.fixture(scope="session")
@@ -202,3 +216,9 @@ def judge(evaluator_dir):
     """The quick evaluator as a judge, with mnist-5k's validation digits as the reference."""
     from training.evaluator import load_judge
     return load_judge("mnist-5k", cache_dir=evaluator_dir, log=lambda *_: None)
+
+
+def unversioned(metrics_text: str) -> str:
+    """A scrape with the `version` label taken out of every series, for checks about a model whatever its
+    version (tests/test_canary.py checks the label itself)."""
+    return re.sub(r',version="[0-9a-f]+"', "", metrics_text)

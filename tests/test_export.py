@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import tiny_setup
+from conftest import TINY_MODEL, tiny_setup
 
 from service.manifest import load_manifest, sha256_of
 from training import export
@@ -78,9 +78,9 @@ def test_a_parity_failure_writes_nothing(tiny_runs, tmp_path, monkeypatch):
 def test_export_run_writes_file_pictures_and_manifest(tiny_runs, tmp_path, evaluator_dir):
     out = tmp_path / "exported"
     export.export_run(tiny_runs["cgan"], "tiny-cgan", out, ("generate",), samples=200,
-                      evaluator_dir=evaluator_dir, log=lambda *_: None)
+                      evaluator_dir=evaluator_dir, log=lambda *_: None, accept_worse=TINY_MODEL)
     export.export_run(tiny_runs["vae"], "tiny-vae", out, ("sample",), samples=200,
-                      evaluator_dir=evaluator_dir, log=lambda *_: None)
+                      evaluator_dir=evaluator_dir, log=lambda *_: None, accept_worse=TINY_MODEL)
     manifest = load_manifest(out)
     assert [m.name for m in manifest.models] == ["tiny-cgan", "tiny-vae"]
     assert (manifest.defaults.generate, manifest.defaults.sample) == ("tiny-cgan", "tiny-vae")
@@ -98,12 +98,12 @@ def test_an_export_adds_a_version_and_never_writes_over_a_served_file(tiny_runs,
                                                                        few_digits):
     out = tmp_path / "exported"
     first = export.export_run(tiny_runs["cgan"], "m", out, samples=100, evaluator_dir=evaluator_dir,
-                              log=lambda *_: None)
+                              log=lambda *_: None, accept_worse=TINY_MODEL)
     served = (out / first.file).read_bytes()
     config, mconfig = tiny_setup("cgan", epochs=1, seed=1)  # another run of the same model: a new version
     train(config, mconfig, tmp_path / "again", progress=False, data=few_digits, log=lambda *_: None)
     second = export.export_run(tmp_path / "again", "m", out, samples=100, evaluator_dir=evaluator_dir,
-                               log=lambda *_: None)
+                               log=lambda *_: None, accept_worse=TINY_MODEL)
     assert second.version != first.version and (out / first.file).read_bytes() == served
     manifest = load_manifest(out)
     assert [e.version for e in manifest.versions("m")] == [first.version, second.version]
@@ -111,11 +111,57 @@ def test_an_export_adds_a_version_and_never_writes_over_a_served_file(tiny_runs,
         sorted([f"{first.version}.onnx", f"{second.version}.onnx"])  # nothing half-written left behind
 
 
-def test_a_bad_name_is_refused_before_any_work(tmp_path):
+@pytest.mark.parametrize("arguments, message", [
+    ({"name": "My_CGAN"}, "--name 'My_CGAN'"),
+    ({"default_for": ("sampel",)}, "--default-for sampel"),
+    ({"canary": 1.5}, "--canary 1.5"),
+    ({"canary": 0.1, "serve": False}, "--canary and --no-serve"),
+    ({"accept_worse": " "}, "--accept-worse: give the reason"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, arguments, message):
     started = time.monotonic()
-    with pytest.raises(export.ExportError, match="--name 'My_CGAN'"):
-        export.export_run(tmp_path / "no-such-run", "My_CGAN", tmp_path / "exported")
+    with pytest.raises(export.ExportError, match=message):
+        export.export_run(tmp_path / "no-such-run", **({"name": "m"} | arguments), out_dir=tmp_path / "exported")
     assert time.monotonic() - started < 1 and not (tmp_path / "exported").exists()
+
+
+def test_a_version_below_the_floors_is_refused_and_the_manifest_left_as_it_was(tiny_runs, tmp_path, evaluator_dir):
+    out = tmp_path / "exported"
+    export.export_run(tiny_runs["vae"], "kept", out, samples=100, evaluator_dir=evaluator_dir, log=lambda *_: None,
+                      accept_worse=TINY_MODEL)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(export.ExportError, match=r"tiny-cgan@\w+ refused: confidence .* below the floor .* "
+                                                 r"conditional_accuracy .*--accept-worse REASON"):
+        export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
+                          log=lambda *_: None)
+    assert (out / "manifest.json").read_text() == before and not (out / "tiny-cgan.png").exists()
+
+
+def test_the_manifest_records_every_setting_of_the_run_and_the_reason_it_was_accepted(tiny_runs, tmp_path,
+                                                                                     evaluator_dir):
+    out = tmp_path / "exported"
+    entry = export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None, accept_worse=TINY_MODEL)
+    recorded = json.loads((tiny_runs["cgan"] / "config.json").read_text())
+    settings = load_manifest(out).model("tiny-cgan").training.settings
+    assert settings["train"]["epochs"] == recorded["train"]["epochs"] and settings["train"]["lr"] == recorded["train"]["lr"]
+    assert set(settings["train"]) == set(recorded["train"]) and set(settings["model"]) == set(recorded["model_config"])
+    assert entry.accepted_worse == TINY_MODEL
+
+
+def test_a_canary_export_keeps_the_served_version_and_shares_its_requests(tiny_runs, tmp_path, evaluator_dir,
+                                                                          few_digits):
+    out = tmp_path / "exported"
+    first = export.export_run(tiny_runs["cgan"], "m", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None, accept_worse=TINY_MODEL)
+    picture = (out / "m.png").read_bytes()
+    config, mconfig = tiny_setup("cgan", epochs=1, seed=1)
+    train(config, mconfig, tmp_path / "again", progress=False, data=few_digits, log=lambda *_: None)
+    second = export.export_run(tmp_path / "again", "m", out, samples=100, evaluator_dir=evaluator_dir,
+                               log=lambda *_: None, accept_worse=TINY_MODEL, canary=0.25)
+    manifest = load_manifest(out)
+    assert manifest.model("m") == first and manifest.canary("m") == (second, 0.25)
+    assert second.quality is not None and (out / "m.png").read_bytes() == picture  # the pictures show the served one
 
 
 def test_cli_errors_name_the_run(tmp_path, capsys):
@@ -139,7 +185,7 @@ def test_cli_evaluates_an_onnx_file(tiny_runs, tmp_path, evaluator_dir, monkeypa
 def test_truncation_command_sweeps_every_model_and_plots(tiny_runs, tmp_path, evaluator_dir, monkeypatch, capsys):
     out = tmp_path / "exported"
     export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
-                      log=lambda *_: None)
+                      log=lambda *_: None, accept_worse=TINY_MODEL)
     monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
     assert cli(["truncation", "--models-dir", str(out), "--values", "1,0.5", "--samples", "100"]) == 0
     sweeps = json.loads((out / "truncation.json").read_text())
@@ -193,3 +239,44 @@ def test_bundled_models_keep_the_quality_targets_they_reached(name):
     assert entry.dataset == "mnist" and entry.metrics["samples"] == 10_000
     for key, floor in REACHED[name].items():
         assert entry.metrics[key] >= floor, (name, key, entry.metrics[key])
+
+
+def test_an_export_while_serving_never_breaks_a_request(tiny_runs, tmp_path, evaluator_dir, few_digits):
+    """Two workers serve m while a new version of m is exported into their folder and then reloaded: every
+    request of the clients running meanwhile is answered, first by the old version, then by the new one."""
+    import os
+    import signal
+    import threading
+    import urllib.request
+
+    from conftest import running_service, wait_until
+    out = tmp_path / "exported"
+    first = export.export_run(tiny_runs["cgan"], "m", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None, accept_worse=TINY_MODEL)
+    config, mconfig = tiny_setup("cgan", epochs=1, seed=3)
+    train(config, mconfig, tmp_path / "next", progress=False, data=few_digits, log=lambda *_: None)
+    failures, versions, stop = [], set(), threading.Event()
+    # the tiny runs are below the floors: the gate is off here, this test is about the files
+    with running_service(out, workers=2, quality_gate="off") as service:
+        def client():
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"{service.url}/generate?model=m&digit=4", timeout=10) as response:
+                        versions.add(response.headers["X-Model-Version"])
+                except Exception as err:
+                    failures.append(repr(err))
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        second = export.export_run(tmp_path / "next", "m", out, samples=100, evaluator_dir=evaluator_dir,
+                                   log=lambda *_: None, accept_worse=TINY_MODEL)
+        os.kill(service.process.pid, signal.SIGHUP)
+
+        def served(version: str) -> bool:
+            return all(urllib.request.urlopen(f"{service.url}/generate?model=m&digit=4", timeout=10)
+                       .headers["X-Model-Version"] == version for _ in range(10))
+        wait_until(lambda: served(second.version), "the new version was never served", 60)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    assert failures == [] and {first.version, second.version} <= versions

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import tiny_setup
+from conftest import TINY_MODEL, tiny_setup
 
 from service import quality
 from service.config import Settings
+from service.lifecycle import decided_set
 from service.manifest import load_manifest, sha256_of
-from service.modelset import Loader, open_set, warmed_set
+from service.modelset import Loader
 from training import judge_export
 from training.__main__ import main as cli
 from training.export import ExportError, export_run
@@ -48,22 +49,25 @@ def test_a_judge_that_fails_parity_is_not_written(judge, tmp_path, monkeypatch):
 def test_export_lists_the_judge_and_records_figures_the_gate_reproduces(tiny_cgan_run, tmp_path, evaluator_dir):
     out = tmp_path / "exported"
     entry = export_run(tiny_cgan_run, "tiny-cgan", out, samples=400, evaluator_dir=evaluator_dir,
-                       log=lambda *_: None)
+                       log=lambda *_: None, accept_worse=TINY_MODEL)
     manifest = load_manifest(out)
     assert [j.name for j in manifest.judges] == ["digits"] and (out / "judge-digits.onnx").is_file()
     assert entry.quality.judge_sha256 == manifest.judges[0].sha256 and entry.quality.samples == 400
     assert entry.quality.conditional_accuracy == entry.metrics["conditional_accuracy"]  # the same judge, in ONNX
     settings = Settings(models_dir=out, intra_op_threads=1)
-    warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
-    assert dict(warmed.failures) == {} and warmed.gated[warmed.models["tiny-cgan"].key].samples == 400
-    again = quality.gate(warmed.models["tiny-cgan"], warmed.judges.loaded["digits"], entry.quality)
+    loader = Loader.of(settings)
+    judges = loader.judges(manifest)
+    again = quality.gate(loader.open(entry), judges.loaded["digits"], entry.quality, samples=400)
     assert dict(again.measured) == pytest.approx(entry.quality.model_dump(include=set(quality.FIGURES)), abs=1e-6)
+    # a model trained for seconds is below the floors: listed (--accept-worse), and never served
+    assert "below the 0.9000 the floor for its kind of model allows" in decided_set(loader).failures["tiny-cgan"]
 
 
 def test_the_judge_command_renews_the_judge_and_measures_every_model_again(tiny_cgan_run, tmp_path, evaluator_dir,
                                                                            monkeypatch, capsys):
     out = tmp_path / "exported"
-    export_run(tiny_cgan_run, "tiny-cgan", out, samples=200, evaluator_dir=evaluator_dir, log=lambda *_: None)
+    export_run(tiny_cgan_run, "tiny-cgan", out, samples=200, evaluator_dir=evaluator_dir, log=lambda *_: None,
+               accept_worse=TINY_MODEL)
     (out / "judge-digits.onnx").unlink()
     monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
     assert cli(["judge", "--models-dir", str(out), "--dataset", "mnist-5k", "--samples", "300"]) == 0

@@ -24,9 +24,10 @@ from onnx_fixtures import write_models_dir
 from service import live_quality, quality
 from service.app import create_app
 from service.config import Settings
+from service.lifecycle import decided_set
 from service.manifest import JudgeEntry, Manifest, ManifestError, load_manifest, parse_manifest, sha256_of
 from service.metrics import Metrics
-from service.modelset import Loader, open_set, warmed_set
+from service.modelset import Loader
 from service.sampling import latents, one_hot
 
 BUNDLED = Path(__file__).resolve().parents[1] / "exported"
@@ -58,15 +59,17 @@ def weights(path: Path) -> np.ndarray:
 
 
 def write_gated_dir(folder: Path) -> Manifest:
-    """The tiny gan and cgan, a tiny digits judge, and both models' figures recorded with it as the export
-    records them (training/judge_export.py)."""
+    """The tiny gan and cgan, a tiny digits judge, and the cgan's figures recorded with it as the export
+    records them (training/judge_export.py). The tiny gan draws noise no judge is confident of: below the
+    floors (service/admission.py), it is listed without figures, so served ungated."""
     from training.judge_export import measure
     manifest = write_models_dir(folder)
     tiny_judge(folder / "judge-digits.onnx", weights(folder / "cgan.onnx")[6:])  # the cgan's 10 class rows
     judge = JudgeEntry(name="digits", kind="digits", datasets=["mnist", "mnist-5k"], file="judge-digits.onnx",
                        sha256=sha256_of(folder / "judge-digits.onnx"), opset=17,
                        class_names=[str(i) for i in range(10)])
-    measured = [m.model_copy(update={"quality": measure(folder, m, judge, RECORDED_SAMPLES)}) for m in manifest.models]
+    measured = [m.model_copy(update={"quality": measure(folder, m, judge, RECORDED_SAMPLES)})
+                for m in manifest.models if m.name == "cgan"]
     manifest = manifest.upsert_judge(judge, measured)
     (folder / "manifest.json").write_text(manifest.to_json())
     return manifest
@@ -111,9 +114,9 @@ def started(folder: Path, **settings):
 
 def test_recorded_figures_are_what_the_gate_measures_on_the_same_samples(gated_dir):
     loader = Loader.of(Settings(models_dir=gated_dir, intra_op_threads=1))
-    warmed, _ = warmed_set(open_set(loader), (1,), loader)
+    warmed = decided_set(loader)
     judge = warmed.judges.loaded["digits"]
-    for model in warmed.models.values():
+    for model in [warmed.models["cgan"]]:
         recorded = model.entry.quality
         again = quality.gate(model, judge, recorded, samples=RECORDED_SAMPLES)
         assert dict(again.measured) == pytest.approx(recorded.model_dump(include=set(quality.FIGURES),
@@ -151,11 +154,13 @@ def test_a_model_with_scrambled_weights_is_refused_at_reload_and_the_old_one_kee
 def test_a_manifest_without_figures_loads_with_a_warning(tmp_path, caplog):
     write_models_dir(tmp_path)
     with caplog.at_level(logging.WARNING), started(tmp_path) as client:
-        assert client.get("/readyz").json() == {"ready": True, "models": {"cgan": True, "gan": True}, "left_out": {}}
+        assert client.get("/readyz").json() == {"ready": True, "generation": 1, "models": {"cgan": True, "gan": True},
+                                                "left_out": {}}
         assert client.get("/models/gan").json()["quality"] == {"recorded": None, "gate": None, "live": None}
     warned = {r.getMessage() for r in caplog.records if r.levelno == logging.WARNING}
-    assert {f"model {n}: its manifest entry records no quality figures; served without the quality gate"
-            for n in ("gan", "cgan")} <= warned
+    for name in ("gan", "cgan"):
+        assert any(w.startswith(f"model {name}@") and w.endswith(": its manifest entry records no quality figures; "
+                                                                  "served without the quality gate") for w in warned)
 
 
 def test_with_the_gate_off_a_scrambled_model_is_served(gated_dir, monkeypatch):
@@ -172,8 +177,8 @@ def test_a_judge_that_fails_its_checksum_leaves_the_models_it_gates_out(gated_di
     path.write_bytes(path.read_bytes() + b"\0")
     with caplog.at_level(logging.ERROR), started(gated_dir) as client:
         left_out = client.get("/readyz").json()["left_out"]
-        assert set(left_out) == {"gan", "cgan"} and "judge digits is not loaded" in left_out["gan"]
-        assert "sha256" in left_out["gan"]
+        assert set(left_out) == {"cgan"} and "judge digits is not loaded" in left_out["cgan"]
+        assert "sha256" in left_out["cgan"]
     assert any("judge digits not loaded" in r.getMessage() for r in caplog.records)
 
 
@@ -194,8 +199,9 @@ def test_the_live_confidence_appears_in_metrics_and_in_the_model(gated_dir, monk
                                  for seed in range(10)])  # the first rows of each response, as handed over
         expected = float((models.judges.loaded["digits"].probabilities(served).max(1) > 0.9).mean())
     assert described["live"] == {"confidence": expected, "samples": 40, "window": live_quality.LIVE_WINDOW}
-    assert f'digitgen_live_confidence{{model="cgan"}} {expected}' in text
-    assert 'digitgen_live_scored_samples{model="cgan"} 40.0' in text
+    version = models.models["cgan"].entry.version
+    assert f'digitgen_live_confidence{{model="cgan",version="{version}"}} {expected}' in text
+    assert f'digitgen_live_scored_samples{{model="cgan",version="{version}"}} 40.0' in text
     assert described["recorded"]["samples"] == RECORDED_SAMPLES and described["recorded"]["judge"] == "digits"
     assert described["gate"]["samples"] == quality.GATE_SAMPLES
     assert described["gate"]["lowest_allowed"]["conditional_accuracy"] < 1.0
@@ -213,7 +219,8 @@ def test_the_live_gauge_is_one_series_per_model_across_workers(gated_dir):
             if lines or time.monotonic() > deadline:
                 break
             time.sleep(0.3)
-    assert lines == ['digitgen_live_confidence{model="cgan"} 1.0'], text
+    version = load_manifest(gated_dir).model("cgan").version
+    assert lines == [f'digitgen_live_confidence{{model="cgan",version="{version}"}} 1.0'], text
 
 
 def test_offers_are_dropped_when_the_scorer_is_behind_never_queued_without_bound(monkeypatch):
@@ -224,7 +231,7 @@ def test_offers_are_dropped_when_the_scorer_is_behind_never_queued_without_bound
         release.wait()
         return SimpleNamespace(models={})
     live = live_quality.LiveQuality(Metrics(), blocked_set)
-    model, output = SimpleNamespace(name="m"), np.zeros((64, 1, 28, 28), np.float32)
+    model, output = SimpleNamespace(name="m", key="m@0"), np.zeros((64, 1, 28, 28), np.float32)
     live.offer(model, output)
     while live._rows.qsize():  # until the scorer holds those first rows
         time.sleep(0.001)
@@ -263,7 +270,7 @@ def test_the_bundled_models_all_pass_their_gate():
     settings = Settings(models_dir=BUNDLED, intra_op_threads=1)
     manifest = load_manifest(BUNDLED)
     assert manifest.judges and all(m.quality is not None for m in manifest.models)
-    warmed, _ = warmed_set(open_set(Loader.of(settings)), (1,), Loader.of(settings))
+    warmed = decided_set(Loader.of(settings))
     assert dict(warmed.failures) == {}
     assert set(warmed.gated) == {m.key for m in manifest.models}
     for name, result in warmed.gated.items():

@@ -3,6 +3,7 @@ ModelConfig schema, and the README's tritonclient program run against this servi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -51,6 +52,19 @@ def test_every_model_becomes_a_triton_model_with_the_same_bytes(models_dir, tmp_
         assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
         assert config.parameters["family"].string_value == entry.family
         assert config.parameters["sha256"].string_value == entry.sha256
+
+
+def test_every_version_becomes_a_triton_version_and_the_served_one_is_the_highest(models_dir, tmp_path):
+    from test_reload import add_gan_version
+    served = load_manifest(models_dir).model("gan").version
+    trial = add_gan_version(models_dir, serve=False)
+    assert service_cli(["triton-repository", str(tmp_path / "repo"), "--models-dir", str(models_dir)]) == 0
+    folder = tmp_path / "repo" / "gan"
+    config = parse(folder / "config.pbtxt")
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+    assert json.loads(config.parameters["versions"].string_value) == {"1": trial, "2": served}
+    assert sha256_of(folder / "2" / "model.onnx").startswith(served) and sha256_of(folder / "1" / "model.onnx").startswith(trial)
+    assert config.parameters["sha256"].string_value.startswith(served)
 
 
 def test_gpu_instances_and_a_rewrite_in_place(models_dir, tmp_path):
@@ -109,3 +123,35 @@ def test_the_readme_grpc_program_runs_against_the_service(models_dir, tmp_path):
                               env=os.environ | {"DIGITGEN_GRPC_URL": f"127.0.0.1:{port}"})
     assert done.returncode == 0, done.stderr
     assert "cgan over gRPC: 4 images (4, 1, 28, 28)" in done.stdout
+
+
+def test_tritonclient_lists_the_versions_and_pins_one_over_http_and_grpc(models_dir):
+    """V2 versions as Triton's own client sees them: metadata lists every version, and an infer that names
+    one is answered by it (a request naming none by the version served unpinned)."""
+    import numpy as np
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+    from test_reload import add_gan_version
+    from tritonclient.utils import InferenceServerException
+    served = load_manifest(models_dir).model("gan").version
+    trial = add_gan_version(models_dir, serve=False)
+    port = free_port()
+    z = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    with running_service(models_dir, grpc_port=str(port)) as service:
+        for module, url in ((http_client, service.url.removeprefix("http://")), (grpc_client, f"127.0.0.1:{port}")):
+            client = module.InferenceServerClient(url)
+            metadata = client.get_model_metadata("gan")
+            versions = metadata["versions"] if isinstance(metadata, dict) else list(metadata.versions)
+            assert sorted(versions) == sorted([served, trial])
+            for pinned in ("", trial, served):
+                tensor = module.InferInput("z", [2, 8], "FP32")
+                tensor.set_data_from_numpy(z)
+                result = client.infer("gan", [tensor], model_version=pinned)
+                response = result.get_response()
+                version = response["model_version"] if isinstance(response, dict) else response.model_version
+                assert version == (pinned or served) and result.as_numpy("image").shape == (2, 1, 28, 28)
+            assert client.is_model_ready("gan", trial)
+            try:  # HTTP answers 400 (not ready); gRPC NOT_FOUND naming the versions there are
+                assert not client.is_model_ready("gan", "0" * 12)
+            except InferenceServerException as err:
+                assert "has no version '000000000000'" in str(err) and trial in str(err)

@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import running_service
+from conftest import running_service, unversioned
 from fastapi.testclient import TestClient
 from onnx_fixtures import write_models_dir
 from PIL import Image
@@ -300,7 +300,7 @@ def test_tritonclient_sees_our_400s(server):
 def test_32_concurrent_async_infers_are_batched(batching_server):
     server = batching_server
     def histogram() -> tuple[float, float]:
-        text = urllib.request.urlopen(f"http://{server}/metrics").read().decode()
+        text = unversioned(urllib.request.urlopen(f"http://{server}/metrics").read().decode())
         calls = re.search(r'digitgen_inference_batch_size_count\{model="gan"\} (\S+)', text)
         images = re.search(r'digitgen_inference_batch_size_sum\{model="gan"\} (\S+)', text)
         return (float(calls.group(1)), float(images.group(1))) if calls else (0.0, 0.0)

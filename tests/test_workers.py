@@ -19,6 +19,8 @@ from onnx_fixtures import write_models_dir
 from service import workers
 from service.app import create_app
 from service.config import Settings
+from service.lifecycle import Lifecycle
+from service.plan import make_plan
 
 pytestmark = pytest.mark.skipif(not workers.supported(), reason="a socket per worker is Linux only")
 
@@ -37,19 +39,28 @@ def options(port: int) -> dict:
     return {"host": "127.0.0.1", "port": port, "log_level": "warning"}
 
 
+def settings_of(models_dir, **settings) -> Settings:
+    return Settings(models_dir=models_dir, intra_op_threads=1, log_level="warning", **settings)
+
+
 def app_factory(models_dir, **settings):
-    return partial(create_app, Settings(models_dir=models_dir, intra_op_threads=1, log_level="warning", **settings))
+    return partial(create_app, settings_of(models_dir, **settings))
 
 
-def broken_app(on_ready=None):
+def lifecycle_of(models_dir) -> Lifecycle:
+    settings = settings_of(models_dir)
+    return Lifecycle(settings, make_plan(settings, quiet=True))
+
+
+def broken_app(supervised=None):
     raise RuntimeError("this app cannot start")
 
 
-def slow_app(models_dir, started_file, on_ready=None):
+def slow_app(models_dir, started_file, supervised=None):
     """The app after a pause in which the worker marks that it is starting (SIGHUP arrives then)."""
     started_file.write_text(str(os.getpid()))
     time.sleep(1.5)
-    return app_factory(models_dir)(on_ready=on_ready)
+    return app_factory(models_dir)(supervised=supervised)
 
 
 def wait_for(condition, seconds: float = 60) -> None:
@@ -63,10 +74,10 @@ def answers(port: int) -> bool:
         return False
 
 
-def serve_while(scenario, factory, count: int, port: int) -> int:
+def serve_while(scenario, factory, count: int, port: int, models_dir) -> int:
     """A supervisor in this (main) thread while `scenario(supervisor)` runs in another, then SIGTERM; the
     exit status."""
-    supervisor = workers.Supervisor(factory, options(port))
+    supervisor = workers.Supervisor(factory, options(port), lifecycle_of(models_dir))
 
     def run():
         try:
@@ -78,8 +89,8 @@ def serve_while(scenario, factory, count: int, port: int) -> int:
 
 
 def all_ready(supervisor: workers.Supervisor, count: int) -> bool:
-    """Every worker has reported its models warmed (what the supervisor itself goes by)."""
-    return len(supervisor.workers) == count and all(w.ready.is_set() for w in supervisor.workers)
+    """Every worker serves (what the supervisor itself goes by)."""
+    return len(supervisor.workers) == count and all(w.ready for w in supervisor.workers)
 
 
 def pids() -> set[int]:
@@ -100,38 +111,42 @@ def test_a_worker_that_dies_right_after_it_is_ready_is_replaced(tmp_path, restor
         seen["answered_meanwhile"] = True
         wait_for(lambda: len(pids() - seen["first"]) == 1 and all_ready(supervisor, 2))
         seen["after"] = pids()
-    assert serve_while(kill_one, app_factory(tmp_path), 2, port) == 0
+    assert serve_while(kill_one, app_factory(tmp_path), 2, port, tmp_path) == 0
     assert len(seen["after"] & seen["first"]) == 1 and seen["answered_meanwhile"]
     assert multiprocessing.active_children() == []
 
 
-def test_a_worker_that_fails_before_it_is_ready_stops_the_service(restore_signals):
+def test_a_worker_that_fails_before_it_is_ready_stops_the_service(tmp_path, restore_signals):
+    write_models_dir(tmp_path)
     started = time.monotonic()
-    assert workers.serve(broken_app, options(free_port()), 2) == 1
+    assert workers.serve(broken_app, options(free_port()), 2, lifecycle_of(tmp_path)) == 1
     assert time.monotonic() - started < 30
     assert multiprocessing.active_children() == []
 
 
-def test_a_taken_port_is_refused_before_any_worker_starts(restore_signals):
+def test_a_taken_port_is_refused_before_any_worker_starts(tmp_path, restore_signals):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(OSError):
-            workers.serve(broken_app, options(taken.getsockname()[1]), 2)
+            workers.serve(broken_app, options(taken.getsockname()[1]), 2, lifecycle_of(tmp_path))
     assert multiprocessing.active_children() == []
 
 
-def test_sighup_during_start_up_reloads_once_the_worker_is_up(tmp_path, restore_signals):
+def test_sighup_during_start_up_reloads_once_the_worker_is_up(tmp_path, restore_signals, monkeypatch):
     write_models_dir(tmp_path)
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))  # the supervisor counts reloads there
     port, seen, starting = free_port(), {}, tmp_path / "starting"
 
     def hup_while_starting(supervisor):
         wait_for(starting.exists, 60)  # the worker is inside its app factory, not yet serving
-        os.kill(os.getpid(), signal.SIGHUP)  # the supervisor forwards it
+        os.kill(os.getpid(), signal.SIGHUP)  # the supervisor decides again; the worker joins with that set
         wait_for(lambda: all_ready(supervisor, 1), 60)
         seen["pid"] = pids()
         wait_for(lambda: 'digitgen_reloads_total{result="ok"} 1.0' in metrics(port), 30)
-    assert serve_while(hup_while_starting, partial(slow_app, tmp_path, starting), 1, port) == 0
+    assert serve_while(hup_while_starting, partial(slow_app, tmp_path, starting), 1, port, tmp_path) == 0
     assert seen["pid"] == {int(starting.read_text())}  # the worker that got the signal is the one serving
 
 
@@ -150,7 +165,7 @@ def test_a_dead_worker_leaves_no_live_gauges_behind(tmp_path, restore_signals, m
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: victim not in gauge_files(shared), 30)
         seen["victim"] = victim
-    assert serve_while(kill_one, app_factory(tmp_path, workers=2), 2, port) == 0
+    assert serve_while(kill_one, app_factory(tmp_path, workers=2), 2, port, tmp_path) == 0
     assert seen["victim_had_file"]
 
 

@@ -106,8 +106,10 @@ def add_export_command(commands) -> None:
     """`python -m training export`: a run to ONNX, listed in the manifest."""
     export = commands.add_parser(
         "export", help="export a run's decoder/generator to ONNX and list it in the manifest",
-        description="Write OUT_DIR/NAME.onnx (checked against PyTorch under ONNX Runtime), evaluate that file, "
-                    "save its sample grid and progress GIF beside it and add it to OUT_DIR/manifest.json.")
+        description="Write OUT_DIR/NAME/VERSION.onnx, a new file named by its content (checked against PyTorch "
+                    "under ONNX Runtime), evaluate it, hold it to the floors and to the version it replaces, and "
+                    "list it in OUT_DIR/manifest.json (one atomic rename); then save its sample grid and progress "
+                    "GIF beside it. A running service picks it up at its next SIGHUP.")
     export.add_argument("run", type=Path, metavar="RUN", help="a run directory (runs/MODEL)")
     export.add_argument("--name", required=True, help="the model's name in the service (a-z, 0-9, - and _)")
     export.add_argument("--out-dir", type=Path, default=Path("exported"), help="default exported/")
@@ -118,6 +120,15 @@ def add_export_command(commands) -> None:
     export.add_argument("--data-dir", help="folder of the evaluator's IDX files (default: the run's own when "
                                            "it trained on them, else data/mnist)")
     export.add_argument("--raw", action="store_true", help="a run with an EMA: export the raw generator")
+    export.add_argument("--canary", type=float, metavar="SHARE", help="send this share (0-1) of the model's unpinned "
+                                                                      "requests to the new version; the served one "
+                                                                      "keeps the rest")
+    export.add_argument("--no-serve", action="store_true", help="list the new version for pinned requests "
+                                                                "(?version=) only")
+    export.add_argument("--accept-worse", metavar="REASON", help="list the version even though it scores worse "
+                                                                 "than the one it replaces (or below the floors, "
+                                                                 "which the service still refuses); REASON is "
+                                                                 "recorded in its entry")
 
 
 def add_bundle_command(commands) -> None:
@@ -267,7 +278,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
     export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples, data_dir=args.data_dir,
-               raw=args.raw)
+               raw=args.raw, serve=not args.no_serve, canary=args.canary, accept_worse=args.accept_worse)
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:

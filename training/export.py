@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import service.admission as admission
 from service.manifest import (
     ENDPOINTS,
     MANIFEST_NAME,
@@ -102,7 +103,15 @@ def _training_summary(run: Path, record: dict, epoch: int) -> TrainingSummary:
     seconds = sum(row["seconds"] for row in history)
     images = sum(row["seconds"] * row["images_per_s"] for row in history)
     return TrainingSummary(epochs=epoch, seconds=round(seconds, 1), device=record["device"],
-                           images_per_s=round(images / seconds, 1) if seconds else 0.0, torch=record["torch"])
+                           images_per_s=round(images / seconds, 1) if seconds else 0.0, torch=record["torch"],
+                           settings={"train": _plain(record.get("train", {})), "model": _plain(record.get("model_config", {}))})
+
+
+def _plain(settings: dict) -> dict:
+    """A recipe's settings as JSON values (a path as its text)."""
+    return {key: list(value) if isinstance(value, tuple) else value
+            if isinstance(value, (str, int, float, bool, type(None), list)) else str(value)
+            for key, value in settings.items()}
 
 
 def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
@@ -114,19 +123,23 @@ def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
 
 def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
                samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
-               data_dir: str | Path | None = None, raw: bool = False, log=print) -> ModelEntry:
-    """Export, check, evaluate and list one run, with its figures by the judge's ONNX file (the judge is
-    exported beside it when the manifest lists none of its kind); returns its manifest entry. `data_dir`
-    locates the evaluator's data (default: the run's own data when it is the evaluator's dataset, else
-    data/mnist); `raw` exports a GAN's raw generator rather than its EMA, where the raw weights scored better."""
-    if not re.fullmatch(MODEL_NAME, name) or len(name) > 64:  # before minutes of export and evaluation
-        raise ExportError(f"--name {name!r}: a model name is 1-64 of a-z, 0-9, - and _, starting with a letter or "
-                          f"digit")
-    for endpoint in default_for:
-        if endpoint not in ENDPOINTS:
-            raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
+               data_dir: str | Path | None = None, raw: bool = False, log=print, serve: bool = True,
+               canary: float | None = None, accept_worse: str | None = None) -> ModelEntry:
+    """Export, check, evaluate and list one run as a new version of `name`, with its figures by the judge's
+    ONNX file (the judge is exported beside it when the manifest lists none of its kind); returns its
+    manifest entry. `data_dir` locates the evaluator's data (default: the run's own data when it is the
+    evaluator's dataset, else data/mnist); `raw` exports a GAN's raw generator rather than its EMA.
+
+    The version becomes the one `name` serves unpinned (`serve`), or gets a `canary` share of those
+    requests, or is listed for pinned requests only. It must earn its place (service/admission.py): below
+    its kind's floors, or worse than the version it would replace, it is refused and the manifest is left as
+    it was, unless `accept_worse` gives the reason to list it anyway (recorded in its entry; the floors still
+    keep the service from serving it). Nothing the service reads changes before the manifest's one rename."""
+    _check_arguments(name, default_for, serve, canary, accept_worse)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
+    if canary is not None and name not in manifest.names:
+        raise ExportError(f"--canary {canary:g}: {name} has no served version yet to share its requests with")
     trainer, record, epoch = load_run(run)
     if raw and trainer.ema is None:
         raise ExportError(f"--raw: {run} keeps no EMA, so its only weights are the raw ones")
@@ -143,23 +156,73 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     metrics = evaluate.evaluate_run(trainer, source, judge, samples)
     log(evaluate.format_table(name, metrics))
 
-    _save_sample_grid(source, out_dir / f"{name}.png", config.seed)
-    snapshots = sorted((run / "snapshots").glob("epoch_*.png"))
-    if snapshots:  # at most GIF_FRAMES evenly spaced epochs, always the last: a few hundred KB to commit
-        keep = sorted({round(i * (len(snapshots) - 1) / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
-        pictures.save_progress_gif([snapshots[i] for i in keep], out_dir / f"{name}-progress.gif",
-                                   reduce=pictures.GRID_SCALE)
     entry = ModelEntry(
         name=name, family=record["family"], conditional=num_classes > 0, latent_dim=net.latent_dim,
         num_classes=num_classes, class_names=record["class_names"], file=onnx_path.relative_to(out_dir).as_posix(),
         sha256=sha256_of(onnx_path), opset=opset, dataset=record["dataset"],
-        training=_training_summary(run, record, epoch), metrics=metrics)
+        training=_training_summary(run, record, epoch), metrics=metrics, accepted_worse=accept_worse)
+    replaced = manifest.model(name) if name in manifest.names else None
     try:
-        updated = manifest.upsert(entry, default_for)
+        updated = manifest.upsert(entry, default_for, serve=serve and canary is None, canary=canary)
     except ValueError as err:
         raise ExportError(f"{manifest_path}: {err}") from None
-    updated = with_quality(updated, out_dir, judge, evaluator.KINDS[config.dataset], [name], samples, log=log)
+    updated = with_quality(updated, out_dir, judge, evaluator.KINDS[config.dataset], [name], samples, log=log,
+                           also=(entry.key,))
+    listed = next(m for m in updated.models if m.key == entry.key)
+    judge_entry = next(j for j in updated.judges if listed.quality and j.name == listed.quality.judge)
+    _admit(listed, replaced if serve and canary is None else None, len(judge_entry.class_names), accept_worse,
+           onnx_path, log)
     write_text_atomic(manifest_path, updated.to_json())
-    log(f"{manifest_path}: {name} listed" + (f", default for {', '.join(default_for)}" if default_for else ""))
-    return updated.model(name)
+    how = "serves unpinned requests" if serve and canary is None else (
+        f"canary: {canary:.0%} of unpinned requests" if canary is not None else "for pinned requests only")
+    log(f"{manifest_path}: {entry.key} listed, {how}" + (f", default for {', '.join(default_for)}" if default_for else ""))
+    if serve and canary is None:  # the pictures show what a visitor gets
+        _save_sample_grid(source, out_dir / f"{name}.png", config.seed)
+        _save_progress(run, out_dir / f"{name}-progress.gif")
+    return listed
 
+
+def _check_arguments(name: str, default_for: tuple[str, ...], serve: bool, canary: float | None,
+                     accept_worse: str | None) -> None:
+    """Every argument, before minutes of export and evaluation."""
+    if not re.fullmatch(MODEL_NAME, name) or len(name) > 64:
+        raise ExportError(f"--name {name!r}: a model name is 1-64 of a-z, 0-9, - and _, starting with a letter or "
+                          f"digit")
+    for endpoint in default_for:
+        if endpoint not in ENDPOINTS:
+            raise ExportError(f"--default-for {endpoint}: choose from {', '.join(ENDPOINTS)}")
+    if canary is not None and not 0 < canary < 1:
+        raise ExportError(f"--canary {canary:g}: a share of requests between 0 and 1, e.g. 0.1")
+    if canary is not None and not serve:
+        raise ExportError("--canary and --no-serve: choose one (a canary serves a share of unpinned requests)")
+    if accept_worse is not None and not accept_worse.strip():
+        raise ExportError("--accept-worse: give the reason, e.g. --accept-worse 'smaller and faster'")
+
+
+def _admit(entry: ModelEntry, replaced: ModelEntry | None, classes: int, accept_worse: str | None, path: Path,
+           log) -> None:
+    """The floors and the comparison with the version it replaces (service/admission.py), on the judge's
+    figures; ExportError naming each shortfall unless `accept_worse`."""
+    assert entry.quality is not None
+    figures = entry.quality.model_dump(include=set(admission.FIGURES), exclude_none=True)
+    problems = admission.below_floors(entry, figures, classes)
+    old = replaced.quality if replaced is not None and replaced.key != entry.key else None
+    if old is not None and replaced is not None and old.judge_sha256 == entry.quality.judge_sha256:
+        problems += admission.worse_than(figures, entry.quality.samples,
+                                         old.model_dump(include=set(admission.FIGURES), exclude_none=True),
+                                         old.samples, replaced.version)
+    if not problems:
+        return
+    if accept_worse is None:
+        raise ExportError(f"{entry.key} refused: " + "; ".join(problems) + ". The manifest is unchanged; "
+                          f"{path} is left unlisted (python -m service prune removes it). --accept-worse REASON "
+                          f"lists it anyway (the service still never serves a version below the floors).")
+    log(f"{entry.key}: listed though " + "; ".join(problems) + f" (--accept-worse: {accept_worse})")
+
+
+def _save_progress(run: Path, path: Path) -> None:
+    """At most GIF_FRAMES evenly spaced epochs, always the last: a few hundred KB to commit."""
+    snapshots = sorted((run / "snapshots").glob("epoch_*.png"))
+    if snapshots:
+        keep = sorted({round(i * (len(snapshots) - 1) / (GIF_FRAMES - 1)) for i in range(GIF_FRAMES)})
+        pictures.save_progress_gif([snapshots[i] for i in keep], path, reduce=pictures.GRID_SCALE)

@@ -73,9 +73,11 @@ def measure(models_dir: Path, entry: ModelEntry, judge: JudgeEntry, samples: int
 
 
 def with_quality(manifest: Manifest, models_dir: Path, judge: Judge, kind: str, names: list[str] | None = None,
-                 samples: int = evaluate.DEFAULT_SAMPLES, renew: bool = False, log=print) -> Manifest:
+                 samples: int = evaluate.DEFAULT_SAMPLES, renew: bool = False, log=print,
+                 also: tuple[str, ...] = ()) -> Manifest:
     """The manifest with the kind's judge listed and the named models (default: all it judges) measured
-    with it. The judge is exported when it is not listed yet or `renew` is set; a new judge file is then
+    with it, and the versions keyed in `also` (name@version: a canary, a version for pinned requests).
+    The judge is exported when it is not listed yet or `renew` is set; a new judge file is then
     measured against every model it judges, whose figures from the old file no longer hold."""
     listed = next((j for j in manifest.judges if j.name == kind), None)
     fresh = renew or listed is None or not (path := models_dir / listed.file).is_file() or sha256_of(path) != listed.sha256
@@ -85,7 +87,7 @@ def with_quality(manifest: Manifest, models_dir: Path, judge: Judge, kind: str, 
             f"over {PARITY_SAMPLES} digits")
     assert listed is not None  # the listed judge, or the one exported just now
     judged = [m for m in manifest.models  # a new judge: every version; else the named models' served versions
-              if m.dataset in listed.datasets and (fresh or names is None or
+              if m.dataset in listed.datasets and (fresh or names is None or m.key in also or
                                                    (m.name in names and manifest.model(m.name).key == m.key))]
     measured = []
     for entry in judged:

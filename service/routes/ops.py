@@ -38,7 +38,9 @@ def relative(reason: str, models_dir) -> str:
 
 def versions(models: ModelSet, model: ModelRuntime) -> list[dict]:
     """Every version of the model this worker serves: which one unpinned requests get, each one's figures."""
+    canary = models.canaries.get(model.name)
     return [{"version": m.entry.version, "sha256": m.entry.sha256, "served_unpinned": m is model,
+             "canary_share": canary[1] if canary is not None and canary[0] is m else None,
              "training": m.entry.training.model_dump(), "metrics": m.entry.metrics,
              "quality": m.entry.quality.model_dump() if m.entry.quality else None}
             for m in models.versions_of(model.name)]
@@ -58,7 +60,7 @@ def router(metrics: Metrics) -> APIRouter:
     @routes.get("/models", summary="The loaded models")
     async def models(request: Request):
         current = dispatch.model_set(request)
-        return {"models": [describe(current, m) for m in current.models.values()],
+        return {"models": [describe(current, m) for m in current.models.values()], "generation": current.generation,
                 "gpu_memory_bytes": request.app.state.gpu_memory_bytes}  # on CUDA: this worker's + its GPU process's
 
     @routes.get("/models/{name}", summary="One model",
@@ -80,7 +82,8 @@ def router(metrics: Metrics) -> APIRouter:
     async def readyz(request: Request):
         current = dispatch.model_set(request)
         left_out = dict(current.failures) | request.app.state.reloader.left_out()
-        body = {"ready": current.ready, "models": {n: current.warmed for n in current.models},
+        body = {"ready": current.ready, "generation": current.generation,
+                "models": {n: current.warmed for n in current.models},
                 "left_out": {name: relative(why, dispatch.settings(request).models_dir) for name, why in left_out.items()}}
         return JSONResponse(body, status_code=200 if current.ready else 503)
 

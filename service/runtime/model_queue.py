@@ -45,11 +45,11 @@ class Request(Job):
 class Observed:
     """The batcher's events as this worker's metrics for one model."""
 
-    def __init__(self, metrics: Metrics, model: str):
-        self._queued = metrics.queued.labels(model)
-        self._wait = metrics.queue_wait.labels(model)
-        self._inference = metrics.inference.labels(model)
-        self._batch = metrics.batch.labels(model)
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self._queued = metrics.queued.labels(model, version)
+        self._wait = metrics.queue_wait.labels(model, version)
+        self._inference = metrics.inference.labels(model, version)
+        self._batch = metrics.batch.labels(model, version)
 
     def queued(self, delta: int) -> None:
         self._queued.inc(delta)
@@ -70,7 +70,7 @@ class ModelQueue:
                                max_queued=max_queued, threads=threads, offload=encoder, inline=_inline,
                                prepare=_pixels_once,
                                watch=(lambda output: watch(model, output)) if watch else None,
-                               observer=Observed(metrics, model.name))
+                               observer=Observed(metrics, model.name, model.entry.version))
 
     @property
     def alive(self) -> bool:

@@ -34,9 +34,10 @@ from test_quality import scramble  # noqa: E402
 
 from service import quality  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.lifecycle import decided_set  # noqa: E402
 from service.manifest import load_manifest, sha256_of  # noqa: E402
 from service.metrics import Metrics  # noqa: E402
-from service.modelset import Loader, open_set, warmed_set  # noqa: E402
+from service.modelset import Loader  # noqa: E402
 
 SAMPLE_SIZES = (250, 500, 1000, 2000)
 GATE_BUDGET_S = 1.0  # the most the gate may add to a worker's start-up per model, one thread
@@ -49,7 +50,7 @@ def settings_for(models_dir: Path, gate: bool = True) -> Settings:
 
 def warmed(models_dir: Path, gate: bool = True):
     settings = settings_for(models_dir, gate)
-    return warmed_set(open_set(Loader.of(settings)), (1, settings.max_n), Loader.of(settings))[0]
+    return decided_set(Loader.of(settings), (1, settings.max_n))
 
 
 def spread(models, seeds: int) -> dict:
