@@ -46,6 +46,22 @@ def test_train_then_resume_from_the_command_line(capsys, tmp_path):
     assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_a_resume_without_epochs_keeps_the_runs_own(capsys, tmp_path):
+    """A run of 3 epochs stopped after its first (its config.json says 3, its checkpoint 1): resumed without
+    --epochs it trains to 3, not to the family's default of 20."""
+    out_dir = tmp_path / "cgan"
+    code, _, err = run_cli(capsys, "train", "cgan", "--epochs", "1", "--limit", "64", "--batch-size", "32",
+                           "--device", "cpu", "--out", str(out_dir), "--quiet", *tiny_flags("cgan"))
+    assert code == 0, err
+    record = json.loads((out_dir / "config.json").read_text())
+    record["train"]["epochs"] = 3
+    (out_dir / "config.json").write_text(json.dumps(record))
+    code, out, err = run_cli(capsys, "train", "cgan", "--out", str(out_dir), "--quiet", "--resume", "--device", "cpu")
+    assert code == 0, err
+    assert "cgan epoch 3/3" in out and "/20" not in out
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
 @pytest.fixture(scope="module")
 def one_epoch_cgan(tmp_path_factory):
     """A tiny cgan run of one epoch, trained from the command line (256 digits, batch 32)."""

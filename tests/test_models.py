@@ -155,3 +155,17 @@ def test_refine_blocks_deepen_the_generator_without_changing_its_output_shape():
     assert sum(isinstance(m, nn.Conv2d) for m in deeper.modules()) == 2
     assert not any(isinstance(m, nn.Conv2d) for m in plain.modules())
     assert deeper.generate(torch.randn(2, 8)).shape == (2, 1, 28, 28)
+
+
+def test_the_wider_options_add_a_dense_layer_to_the_generator_and_a_third_convolution_to_the_critic():
+    """Options of the same family (issue 30): g_hidden units before the 7x7 projection, d_layers=3 down to
+    4x4; the defaults keep the networks (and their checkpoints' names) as they were."""
+    wide = GANConfig(g_channels=8, d_channels=8, latent_dim=8, g_hidden=32, d_layers=3, mbstd_group=4)
+    g, d = Generator(wide).eval(), Discriminator(wide, num_classes=10)
+    assert [m.out_features for m in g.project if isinstance(m, nn.Linear)] == [32, 2 * 8 * 49]
+    strided = [m for m in d.net if isinstance(m, nn.Conv2d)]
+    assert [(m.out_channels, m.stride) for m in strided] == [(8, (2, 2)), (16, (2, 2)), (32, (2, 2))]
+    images = g.generate(torch.randn(8, 8))
+    assert images.shape == (8, 1, 28, 28) and d(images, torch.eye(10)[:8]).shape == (8,)
+    with pytest.raises(ValueError, match="d_layers=4"):
+        Discriminator(GANConfig(d_layers=4))

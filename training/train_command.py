@@ -62,7 +62,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="folder of the IDX files (mnist: data/mnist; fashion-mnist: "
                                           "/usr/share/datasets/fashion-mnist if present, else data/fashion-mnist)")
     parser.add_argument("--limit", type=positive_int, help="train on the first N training images only")
-    parser.add_argument("--epochs", type=positive_int, help="total epochs, also when resuming (default 20)")
+    parser.add_argument("--epochs", type=positive_int, help="total epochs (default 20); resuming: the run's own unless "
+                                                            "given")
     parser.add_argument("--batch-size", type=positive_int, help="images per batch (VAEs 128, GANs 64)")
     parser.add_argument("--lr", type=positive_float, help="learning rate of every optimizer (each model's default: `list`)")
     parser.add_argument("--latent-dim", type=positive_int, help="size of z (VAEs 16, GANs 64)")
@@ -212,7 +213,7 @@ def run_train(args: argparse.Namespace):
     record = check_resume(out, args) if args.resume else None
     if record is not None:  # the run's own settings, but for the RESUMABLE ones the flags give
         saved_config, overrides = saved_settings(record)
-        config = dataclasses.replace(saved_config, epochs=config.epochs, device=config.device,
+        config = dataclasses.replace(saved_config, epochs=args.epochs or saved_config.epochs, device=config.device,
                                      data_dir=config.data_dir if args.data_dir else saved_config.data_dir,
                                      compile=config.compile if args.compile else saved_config.compile)
         mconfig = model_config(MODELS[config.model], overrides)

@@ -1,7 +1,7 @@
 """DCGAN-style networks shared by the GAN, WGAN and CGAN families.
 
-Generator: dense -> reshape to 7x7 -> two stride-2 transposed convolutions with LeakyReLU -> tanh.
-Discriminator: two stride-2 convolutions with LeakyReLU -> one dense logit. For a WGAN the same
+Generator: [dense ->] dense -> reshape to 7x7 -> two stride-2 transposed convolutions with LeakyReLU -> tanh.
+Discriminator: two (or three) stride-2 convolutions with LeakyReLU -> one dense logit. For a WGAN the same
 network is the critic: its output is a raw score, with no sigmoid anywhere.
 Conditional when num_classes > 0: the generator reads z next to a float class vector (a one-hot or
 any blend of them); the discriminator reads the class as constant planes beside the image.
@@ -24,15 +24,22 @@ class GANConfig:
     d_spectral: bool = False  # spectral normalisation of every discriminator weight (Miyato et al. 2018)
     mbstd_group: int = 0   # discriminator: minibatch standard deviation over groups of this many (0: off)
     g_refine: int = 0      # generator: extra 3x3 conv blocks (stride 1) at 7x7 and at 14x14 each
+    g_hidden: int = 0      # generator: a dense layer of this many units before the 7x7 projection (InfoGAN's
+                           # MNIST generator has 1024; 0: none)
+    d_layers: int = 2      # discriminator: stride-2 convolutions; 3 adds one to 4x4 with 4x the width (the
+                           # WGAN-GP authors' MNIST critic has three)
 
 
 class Generator(nn.Module):
     def __init__(self, config: GANConfig, num_classes: int = 0):
         super().__init__()
         self.latent_dim, self.num_classes = config.latent_dim, num_classes
-        c = config.g_channels
+        c, width = config.g_channels, config.latent_dim + num_classes
+        hidden = [nn.Linear(width, config.g_hidden, bias=False), nn.BatchNorm1d(config.g_hidden),
+                  nn.LeakyReLU(0.2)] if config.g_hidden else []                 # [N, g_hidden]
         self.project = nn.Sequential(
-            nn.Linear(config.latent_dim + num_classes, 2 * c * 49, bias=False),
+            *hidden,
+            nn.Linear(config.g_hidden or width, 2 * c * 49, bias=False),
             nn.BatchNorm1d(2 * c * 49), nn.LeakyReLU(0.2),
             nn.Unflatten(1, (2 * c, 7, 7)),                                     # [N, 2c, 7, 7]
         )
@@ -88,14 +95,22 @@ class Discriminator(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         c = config.d_channels
-        norm = nn.LayerNorm([2 * c, 7, 7]) if config.d_norm == "layer" else nn.Identity()
-        extra = [MinibatchStd(config.mbstd_group)] if config.mbstd_group > 1 else []  # [N, 2c + 1, 7, 7]
+        if config.d_layers not in (2, 3):
+            raise ValueError(f"d_layers={config.d_layers}: 2 or 3")
+        last, side = (4 * c, 4) if config.d_layers == 3 else (2 * c, 7)
+
+        def norm(channels: int, size: int) -> nn.Module:
+            return nn.LayerNorm([channels, size, size]) if config.d_norm == "layer" else nn.Identity()
+        deeper = [nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), norm(4 * c, 4), nn.LeakyReLU(0.2)] \
+            if config.d_layers == 3 else []                                             # [N, 4c, 4, 4]
+        extra = [MinibatchStd(config.mbstd_group)] if config.mbstd_group > 1 else []  # one more plane
         self.net = nn.Sequential(
             nn.Conv2d(1 + num_classes, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # [N, c, 14, 14]
-            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),     # [N, 2c, 7, 7]
+            nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), norm(2 * c, 7), nn.LeakyReLU(0.2),  # [N, 2c, 7, 7]
+            *deeper,
             *extra,
             nn.Flatten(),
-            nn.Linear((2 * c + len(extra)) * 49, 1),
+            nn.Linear((last + len(extra)) * side * side, 1),
         )
         if config.d_spectral:  # each weight divided by its largest singular value: D is 1-Lipschitz per layer
             for layer in self.net:
