@@ -14,6 +14,7 @@ import signal
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
 import argparse  # noqa: E402
+import difflib  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -35,6 +36,8 @@ from service.lifecycle import Lifecycle  # noqa: E402
 from service.manifest import ManifestError, load_manifest  # noqa: E402
 from service.plan import make_plan  # noqa: E402
 
+COMMANDS = ("triton-repository", "keygen", "prune")
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(argv[1:])
     if argv[:1] == ["prune"]:
         return prune_command(argv[1:])
+    if argv and not argv[0].startswith("-"):  # serving takes flags only: a word first is a mistyped command
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        return _error(f"error: unknown command {argv[0]!r}{f' (did you mean {close[0]}?)' if close else ''}; the "
+                      f"commands are {', '.join(COMMANDS)}; to serve, give flags only (python -m service --help)")
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"digit-gen {VERSION}")

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import openinference
 from service.auth import ApiKeys, load_keys
 from service.config import Settings
-from service.errors import ApiError, error_response
+from service.errors import ApiError, error_response, http_error_response
 from service.live_quality import LiveQuality
 from service.manifest import Manifest
 from service.metrics import Metrics
@@ -41,7 +42,7 @@ log = logging.getLogger("digitgen.app")
 VERSION = "0.1.0"
 HOT_PATHS = {"/sample", "/generate", "/interpolate", "/v2/models/{name}/infer",
              "/v2/models/{name}/versions/{version}/infer"}
-EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Truncation", "ETag",
+EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Truncation", "X-Ignored-Parameters", "ETag",
                    openinference.HEADER_LENGTH]
 
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
         mount(app, router)
     page.add_page(app)
     app.add_exception_handler(ApiError, error_response)  # type: ignore[arg-type]  # Starlette types it for Exception
+    app.add_exception_handler(StarletteHTTPException, http_error_response)  # type: ignore[arg-type]
     app.add_middleware(HotRoutes, routes=[r for r in app.routes if getattr(r, "path", None) in HOT_PATHS])
     app.add_middleware(BodyLimit)
     if keys:  # inside CORS: preflights pass, and a browser can read the 401

@@ -7,6 +7,7 @@ import json
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 V2_PREFIX = "/v2"
 
@@ -36,3 +37,10 @@ def route_path(scope) -> str:
 
 def error_response(request: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(body(route_path(request.scope), err.message), status_code=err.status, headers=err.headers)
+
+
+def http_error_response(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (no such route: 404; a route without that method: 405) in the same shapes:
+    under /v2 `{"error": ...}`, which tritonclient parses, where FastAPI would answer `{"detail": ...}`."""
+    return JSONResponse(body(route_path(request.scope), str(err.detail)), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))

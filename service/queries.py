@@ -8,6 +8,7 @@ documents the same fields in the OpenAPI schema, so clients see no difference.
 
 from __future__ import annotations
 
+import difflib
 import re
 import types
 import typing
@@ -30,6 +31,8 @@ DEFAULT_NROW = 8
 INTEGER = re.compile(r"-?[0-9]+")
 NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 MAX_NUMBER_CHARS = 64
+MAX_IGNORED_NAMED = 5  # unknown parameters named in X-Ignored-Parameters; the rest are counted
+SAFE_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,40}")  # what a header may echo of a client's parameter name
 
 
 def _pattern(annotation) -> re.Pattern | None:
@@ -69,6 +72,24 @@ class QueryModel(BaseModel):
             raise HTTPException(422, detail=jsonable_encoder(
                 [{**e, "loc": ["query", *map(str, e["loc"])]} for e in err.errors(include_url=False)])) from None
 
+
+    @classmethod
+    def ignored(cls, query) -> str | None:
+        """The parameters this endpoint does not take, for the X-Ignored-Parameters header (a typo such as
+        `sed=7` is otherwise silent): each name with the field it most resembles, None when there are none.
+        Ignored rather than refused, as FastAPI does: a cache-busting `_=...` must keep working."""
+        unknown = [name for name in dict.fromkeys(query.keys()) if name not in cls.model_fields]
+        if not unknown:
+            return None
+        shown = []
+        for name in unknown[:MAX_IGNORED_NAMED]:
+            if not SAFE_NAME.fullmatch(name):
+                shown.append("(a name not shown)")
+                continue
+            close = difflib.get_close_matches(name, cls.model_fields, n=1, cutoff=0.6)
+            shown.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        more = len(unknown) - MAX_IGNORED_NAMED
+        return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
 
     @classmethod
     def _written_as(cls) -> list[tuple[str, re.Pattern | None]]:

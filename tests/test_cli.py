@@ -183,8 +183,19 @@ def test_evaluate_refuses_flags_that_do_not_apply_by_name(capsys, tmp_path):
     assert "--truncation" in capsys.readouterr().err
 
 
-def test_the_evaluator_command_describes_the_cached_evaluator(capsys, evaluator_dir, monkeypatch):
+def test_the_evaluator_command_describes_the_cached_evaluator(capsys, evaluator_dir, monkeypatch, tmp_path):
+    """A cached evaluator is described without its data: no digits where --data-dir (or data/mnist) points."""
     monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", evaluator_dir)
-    code, out, err = run_cli(capsys, "evaluator")
+    monkeypatch.chdir(tmp_path)  # no data/mnist here, and nothing may be downloaded
+    code, out, err = run_cli(capsys, "evaluator", "--data-dir", str(tmp_path / "empty"))
     assert code == 0, err
     assert "test_accuracy" in out and "temperature" in out and "test_ece" in out
+    assert not (tmp_path / "empty").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("training.evaluator.DEFAULT_CACHE", tmp_path / "no-evaluator-yet")
+    (tmp_path / "mnist.gz").write_bytes(b"")
+    code, _, err = run_cli(capsys, "evaluator", "--data-dir", str(tmp_path / "mnist.gz"))
+    assert code == 2 and f"--data-dir {tmp_path / 'mnist.gz'}: a file, not a folder" in err
+    assert err.count("\n") == 1, err  # one line, not a list of the places it tried

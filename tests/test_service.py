@@ -784,3 +784,21 @@ def test_the_license_the_package_declares_is_in_the_repository():
     root = Path(__file__).resolve().parents[1]
     assert 'license = "MIT"' in (root / "pyproject.toml").read_text()
     assert (root / "LICENSE").read_text().startswith("MIT License")
+
+
+@pytest.mark.parametrize("word, hint", [("pruen", "did you mean prune?"), ("serve", "to serve, give flags only")])
+def test_a_mistyped_command_is_named_with_the_commands_there_are(word, hint, capsys):
+    from service.__main__ import main
+    assert main([word]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown command {word!r}" in err and "triton-repository, keygen, prune" in err and hint in err
+
+
+def test_parameters_an_endpoint_does_not_take_are_named_in_a_header(client):
+    """Ignored as FastAPI does (a cache-buster must keep working), but not silently: a typo gets a hint."""
+    typo = client.get("/sample", params={"sed": 7, "digit": 3, "_": "123"})
+    assert typo.status_code == 200
+    assert typo.headers["x-ignored-parameters"] == "sed (did you mean seed?), digit, _"
+    assert "x-ignored-parameters" not in client.get("/sample", params={"seed": 7}).headers
+    many = client.get("/generate", params={"digit": 1} | {f"p{i}": i for i in range(7)} | {"\u00e9t\u00e9": 1})
+    assert many.headers["x-ignored-parameters"] == "p0, p1, p2, p3, p4, and 3 more"

@@ -342,3 +342,13 @@ def test_binary_latents_past_the_bound_are_refused_and_outputs_stay_in_0_1(clien
     edge = client.post("/v2/models/gan/infer", json=infer_json(np.full((2, 8), -1e4, np.float32)))
     values = np.array(edge.json()["outputs"][0]["data"], np.float32)
     assert edge.status_code == 200 and np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1
+
+
+def test_routing_errors_under_v2_have_the_protocols_error_shape(client):
+    """No such route (404) and a route without that method (405) answer {"error": ...} under /v2, which
+    tritonclient parses; elsewhere FastAPI's {"detail": ...} stays."""
+    missing = client.get("/v2/no/such/route")
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong = client.delete("/v2/models/gan/infer")
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"} and "allow" in wrong.headers
+    assert client.get("/no/such/route").json() == {"detail": "Not Found"}

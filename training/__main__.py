@@ -225,7 +225,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_evaluator(args: argparse.Namespace) -> None:
     from training import evaluator
 
-    report = evaluator.load_judge(args.dataset, args.data_dir).report
+    report = evaluator.cached_report(args.dataset)  # its report needs no data: only training it does
+    if report is None:
+        report = evaluator.load_judge(args.dataset, args.data_dir).report
     print("\n".join(f"{key}: {value}" for key, value in report.items()))
 
 

@@ -269,6 +269,9 @@ DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = True,
                  limit: int | None = None) -> DigitData:
     """Load a dataset by name; `limit` keeps the first `limit` training images (tests, quick runs)."""
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir}: a file, not a folder; give the folder that holds (or will hold) "
+                        f"the dataset's IDX files")
     if name == "mnist-5k":
         data = load_mnist_5k()
     elif name == "mnist":

@@ -248,6 +248,14 @@ def load_judge(dataset: str, data_dir: str | Path | None = None, cache_dir: Path
     return Judge(net.eval(), temperature, report, data.val.to("cpu"), real)
 
 
+def cached_report(dataset: str, cache_dir: Path | None = None) -> dict | None:
+    """The cached evaluator's report (its accuracy and calibration), without its data; None when it is not
+    trained yet."""
+    name = evaluator_dataset(dataset)
+    path = Path(cache_dir or DEFAULT_CACHE) / f"{KINDS[dataset]}-{name}-v{EVALUATOR_VERSION}.pt"
+    return torch.load(path, weights_only=True)["report"] if path.exists() else None
+
+
 def judge_for_run(config, data_dir: str | Path | None = None, cache_dir: Path | None = None, log=print) -> Judge:
     """The judge of a run: its kind's evaluator. The run's own --data-dir locates the evaluator's data
     when the run trained on that dataset; `data_dir` overrides it."""

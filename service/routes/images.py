@@ -132,6 +132,9 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[ModelRuntime
     finish = partial(render, fmt=q.format, nrow=nrow, scale=q.scale, info=info, image_shape=model.entry.image_shape)
     response = await dispatch.run(models, model, size, inputs, finish, dispatch.settings(request).request_timeout_s)
     response.headers.update(seeded.headers)
+    ignored = type(q).ignored(request.query_params)
+    if ignored:
+        response.headers["X-Ignored-Parameters"] = ignored
     return response
 
 
