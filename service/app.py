@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import openinference
+from service import openinference, process_metrics
 from service.auth import ApiKeys, load_keys
 from service.config import Settings
 from service.errors import ApiError, error_response, http_error_response
@@ -128,8 +128,10 @@ def lifespan_of(settings: Settings, plan: Plan, metrics: Metrics, keys: dict[str
         grpc = await start_grpc(app, settings, metrics, keys) if settings.grpc_port else None
         app.state.gpu_memory_bytes = None
         watching = asyncio.create_task(devices.watch(app.state, metrics))
+        process_watch = asyncio.create_task(process_metrics.watch(metrics))
         yield
         watching.cancel()
+        process_watch.cancel()
         if grpc is not None:
             await grpc.stop(grace=5)
         if warming:

@@ -6,6 +6,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from service import process_metrics
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -58,13 +60,22 @@ class Metrics:
                                  "process, local: connecting / reconnecting / quarantined) and why (cause)",
                                  ["model", "state", "cause"], registry=self.registry, multiprocess_mode="livesum")
 
+        # one series per worker process (a `pid` label with several workers), kept while it lives
+        self.process = {name: Gauge(f"digitgen_process_{name}", help, registry=self.registry, multiprocess_mode="liveall")
+                        for name, help in (("cpu_seconds", "CPU time (user + system) this worker process used"),
+                                           ("resident_memory_bytes", "resident memory of this worker process"),
+                                           ("open_fds", "open file descriptors of this worker process "
+                                                        "(connections included)"),
+                                           ("threads", "threads of this worker process"))}
+
     def worker_exits(self) -> None:
         """Drop this worker's live gauge values from the shared files."""
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             multiprocess.mark_process_dead(os.getpid())
 
     def exposition(self) -> bytes:
-        """The text a Prometheus scrape gets."""
+        """The text a Prometheus scrape gets (this worker's process figures read first)."""
+        process_metrics.update(self)
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             return generate_latest(self.registry)
         every_worker = CollectorRegistry()

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import re
 import sys
 import time
 
@@ -492,6 +493,17 @@ def test_metrics_add_up_across_workers(two_workers):
             break
         time.sleep(0.05)
     assert all(line in text for line in expected), text
+    processes = re.findall(r'digitgen_process_resident_memory_bytes\{pid="(\d+)"\} (\S+)', text)
+    assert len(processes) == 2 and all(float(rss) > 20e6 for _, rss in processes), text  # each worker's own
+    assert {pid for pid, _ in processes} == set(re.findall(r'digitgen_process_open_fds\{pid="(\d+)"\}', text))
+
+
+def test_a_worker_reports_its_own_process_figures(client):
+    text = client.get("/metrics").text
+    figures = dict(re.findall(r"^digitgen_process_(\w+) (\S+)$", text, re.M))
+    assert set(figures) == {"cpu_seconds", "resident_memory_bytes", "open_fds", "threads"}, figures
+    assert float(figures["resident_memory_bytes"]) > 20e6 and float(figures["open_fds"]) >= 3
+    assert float(figures["cpu_seconds"]) > 0 and float(figures["threads"]) >= 2
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="one SO_REUSEPORT socket per worker is Linux only")
