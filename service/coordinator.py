@@ -38,6 +38,7 @@ class Member(Protocol):
     ready: bool  # it serves (it was told to commit, and said so)
     generation: int  # the decision it serves or prepares
     held: int | None  # a starting worker's prepared generation, held while a reload is under way
+    committing: int | None  # a starting worker told to commit its first set, not yet serving it
 
     def send(self, message: tuple) -> None: ...
 
@@ -95,7 +96,7 @@ class Coordinator:
     def received(self, member, message: tuple, members: list[Any]) -> None:
         kind, generation, *rest = message
         if kind == "serving":
-            member.ready, member.generation = True, generation
+            member.ready, member.generation, member.committing = True, generation, None
             return
         if kind != "prepared":
             log.warning("worker %s sent %r; ignored", member.pid, kind)
@@ -115,16 +116,17 @@ class Coordinator:
         if reload is not None:
             member.held = generation  # joins once the reload settles
         elif generation == self.served.generation:
+            member.committing = generation
             member.send(("commit", generation))
         else:
             member.send(("prepare", self.served, self.failure))
 
     def gone(self, member, members: list[Any]) -> None:
-        """A worker died: a reload stops waiting for it (its replacement starts with the served set)."""
+        """A worker died. Before it said it prepared the new set: the reload fails (preparing it may be what
+        killed it), and its replacement starts with the set the others keep serving."""
         if self._reload is not None and member.pid in self._reload.waiting:
-            self._reload.waiting.discard(member.pid)
-            if not self._reload.waiting:
-                self._commit(members)
+            self._abort(("reload", f"worker {member.pid} died while preparing generation "
+                                   f"{self._reload.decision.generation}"), members)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -139,7 +141,8 @@ class Coordinator:
             log.exception("reload: deciding failed")
             self._fail(("reload", f"deciding failed: {err}"), members, ("failed", ("reload", str(err))))
             return
-        serving = [m for m in members if m.ready and m.pid is not None]
+        # every worker that serves, or was told to commit its first set (it serves soon, and gets this next)
+        serving = [m for m in members if (m.ready or m.committing is not None) and m.pid is not None]
         self._reload = _Reload(decision, {m.pid for m in serving}, serving)
         log.info("reload: generation %d decided; %d worker(s) preparing it", decision.generation, len(serving))
         for member in serving:
@@ -154,7 +157,7 @@ class Coordinator:
         self.lifecycle.commit(reload.decision)
         self.failure = None
         for member in reload.members:
-            if member.pid is not None and member.ready:
+            if member.pid is not None:
                 member.send(("commit", generation))
         self._count("ok")
         log.info("reload: every worker prepared generation %d; switched", generation)
@@ -185,6 +188,7 @@ class Coordinator:
                 continue
             held, member.held = member.held, None
             if held == self.served.generation:
+                member.committing = held
                 member.send(("commit", held))
             else:
                 member.send(("prepare", self.served, self.failure))

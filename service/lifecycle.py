@@ -1,11 +1,13 @@
 """What the service serves, decided once for every worker.
 
 A Decision (service/modelset.py) is the manifest as read, the versions admitted with what their gate
-measured and the bytes of their files, and the versions refused and why. `Lifecycle.decide` makes one: it
-reads and validates the manifest, reads every file and checks its sha256 (the kept ones too: a file
-emptied or replaced since is caught at the SIGHUP), opens each version, gates it (service/quality.py;
-measurements remembered in service/gate_cache.py), holds it to its kind's floors and, when it would become
-a model's served version, to the version it replaces (service/admission.py).
+measured, the versions refused and why, and where the checked copy of each file lies. `Lifecycle.decide`
+makes one: it reads and validates the manifest, reads every file (models and judges) and checks its sha256
+(the kept ones too: a file emptied or replaced since is caught at the SIGHUP), keeps a copy of the bytes it
+checked in a private folder (named by their sha256, never written over), opens each version from it, gates
+it on the CPU (service/quality.py; measurements remembered in service/gate_cache.py), holds it to its
+kind's floors and, when it would become a model's served version, to the version it replaces
+(service/admission.py). Workers open the copies, never the models folder, which may change under them.
 
 With several workers the supervisor owns the Lifecycle (service/coordinator.py) and the workers prepare
 and switch to its decisions; a single process owns it itself (service/reload.py).
@@ -15,6 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from service.gate_cache import GateCache
 from service.manifest import MANIFEST_NAME, Manifest, ManifestError, ModelEntry, parse_manifest
 from service.modelset import Decision, Loader, ModelSet, ReloadError, failure_key, prepare
 from service.plan import Plan
+from service.providers import CPU
 from service.quality import GATE_SAMPLES, NO_JUDGES, GateResult, Judges, judged, measure
 from service.runtime.session import ModelFileError
 
@@ -34,11 +40,15 @@ class Lifecycle:
     """Decides the next model set: one instance per service, the only one that gates."""
 
     def __init__(self, settings: Settings, plan: Plan, cache: GateCache | None = None):
-        # its own sessions, on the workers' provider, never the inference process's: it only measures
-        self.loader = Loader(settings, replace(plan, inference_socket=None), lambda model: None)
-        self.provider = str(plan.worker_providers[0] if isinstance(plan.worker_providers[0], str)
-                            else plan.worker_providers[0][0])
+        # its own sessions on the CPU, never a GPU's nor the inference process's: it only measures, and a
+        # device context here would sit outside every budget
+        self.loader = Loader(settings, replace(plan, inference_socket=None, device_providers=(CPU,)),
+                             lambda model: None)
+        self.provider = CPU
         self.cache = cache or GateCache(settings.gate_cache_dir)
+        self.copies = Path(tempfile.mkdtemp(prefix="digitgen-models-"))  # 0700: this user's only
+        weakref.finalize(self, shutil.rmtree, self.copies, True)
+        self._previous: Decision | None = None  # its copies stay too: a worker may still be opening them
         self.judges: Judges = NO_JUDGES
         self.current: Decision | None = None  # the decision being served
         self.decided = 0  # decisions made, committed or not: the next one's generation follows
@@ -60,14 +70,19 @@ class Lifecycle:
             raise ReloadError("manifest", str(err)) from None
         if not manifest.models:
             raise ReloadError("manifest", "it lists no models")
-        self.judges = self.loader.judges(manifest, self.judges)
+        files: dict[str, str] = {}
+        for judge in manifest.judges:  # a judge that fails here fails to load, named by open_judges
+            try:
+                files[judge.sha256] = self._copy(judge.file, judge.sha256, judge.name)
+            except ReloadError:
+                pass
+        self.judges = self.loader.judges(manifest, self.judges, files)
         admitted: dict[str, GateResult | None] = {}
         refused: dict[str, str] = {}
-        files: dict[str, bytes] = {}
         for entry in manifest.models:
             try:
-                files[entry.sha256] = _same_file(self.models_dir, entry, failure_key(manifest, entry))
-                admitted[entry.key] = self._admit(entry, manifest, files[entry.sha256])
+                files[entry.sha256] = self._copy(entry.file, entry.sha256, failure_key(manifest, entry))
+                admitted[entry.key] = self._admit(entry, manifest, Path(files[entry.sha256]))
             except ReloadError as err:
                 refused[failure_key(manifest, entry)] = err.reason
         refused |= self._no_worse(manifest, admitted)
@@ -77,20 +92,40 @@ class Lifecycle:
         if strict and refused:
             raise ReloadError(", ".join(refused), "; ".join(refused.values()))
         self.decided += 1
-        kept = {admitted_entry.sha256 for admitted_entry in manifest.models if admitted_entry.key in admitted}
-        return Decision(self.decided, text, admitted, refused, {sha: files[sha] for sha in kept})
+        used = {e.sha256 for e in manifest.models if e.key in admitted} | {j.sha256 for j in manifest.judges}
+        return Decision(self.decided, text, admitted, refused, {sha: files[sha] for sha in used if sha in files})
 
     def commit(self, decision: Decision) -> None:
-        """`decision` is what every worker serves now: the next reload compares with it."""
+        """`decision` is what every worker serves now: the next reload compares with it. The copies neither it
+        nor the one before it uses are removed."""
+        if self.current is not None and self.current is not decision:
+            self._previous = self.current
         self.current = decision
+        keep = {Path(p).name for d in (decision, self._previous) if d is not None for p in d.files.values()}
+        for copy in self.copies.glob("*.onnx"):
+            if copy.name not in keep:
+                copy.unlink(missing_ok=True)
 
-    def _admit(self, entry: ModelEntry, manifest: Manifest, content: bytes) -> GateResult | None:
+    def _copy(self, file: str, sha256: str, what: str) -> str:
+        """The checked copy of a file the manifest names: read once, its sha256 checked, written under its
+        sha256 (once: the same content is the same copy). ReloadError when missing, unreadable or another file."""
+        target = self.copies / f"{sha256}.onnx"
+        if target.is_file():  # the bytes checked before; the models folder's file is checked again all the same
+            _same_file(self.models_dir, file, sha256, what)
+            return str(target)
+        content = _same_file(self.models_dir, file, sha256, what)
+        temporary = target.with_name(f".{sha256}.tmp")
+        temporary.write_bytes(content)
+        temporary.replace(target)
+        return str(target)
+
+    def _admit(self, entry: ModelEntry, manifest: Manifest, copy: Path) -> GateResult | None:
         """Open and gate one version (ReloadError with the reason when refused); what the gate measured."""
         kept = self._kept(entry)
         if not isinstance(kept, bool):
             return kept
         try:
-            model = self.loader.open(entry, content)
+            model = self.loader.open(entry, copy)
         except ModelFileError as err:
             raise ReloadError(entry.key, str(err)) from None
         try:
@@ -165,10 +200,10 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _same_file(models_dir: Path, entry: ModelEntry, what: str) -> bytes:
+def _same_file(models_dir: Path, file: str, sha256: str, what: str) -> bytes:
     """The file's bytes, when it is there and is the one the manifest names (an emptied or replaced file
     is refused)."""
-    path = models_dir / entry.file
+    path = models_dir / file
     try:
         content = _read(path)
         actual = hashlib.sha256(content).hexdigest()
@@ -176,13 +211,14 @@ def _same_file(models_dir: Path, entry: ModelEntry, what: str) -> bytes:
         raise ReloadError(what, f"{path} is missing") from None
     except OSError as err:
         raise ReloadError(what, f"{path} cannot be read: {err.strerror or err}") from None
-    if actual != entry.sha256:
+    if actual != sha256:
         raise ReloadError(what, f"{path} is not the file the manifest names (sha256 {actual[:12]}..., the manifest "
-                                f"says {entry.sha256[:12]}...)")
+                                f"says {sha256[:12]}...)")
     return content
 
 
 def decided_set(loader: Loader, sizes: tuple[int, ...] = (1,)) -> ModelSet:
     """Start-up's set in one blocking call, for tools and tests: decided (gated), opened and warmed."""
-    decision = Lifecycle(loader.settings, loader.plan).decide(strict=False)
+    lifecycle = Lifecycle(loader.settings, loader.plan)  # its copies live until the sessions are open
+    decision = lifecycle.decide(strict=False)
     return prepare(None, decision, sizes, loader, strict=False).models

@@ -59,15 +59,16 @@ class Loader:
     def models_dir(self) -> Path:
         return Path(self.settings.models_dir)
 
-    def open(self, entry: ModelEntry, content: bytes | None = None) -> ModelRuntime:
-        """The version's runtime; from `content` (its file's bytes, already checked) when given."""
+    def open(self, entry: ModelEntry, path: Path | None = None) -> ModelRuntime:
+        """The version's runtime; from `path` (the checked copy of its file) when given."""
         settings, plan = self.settings, self.plan
         return open_model(entry, self.models_dir, plan.worker_providers, plan.intra_op_threads,
                           plan.inference_socket is not None, settings.gpu_deadline_min_ms / 1000,
-                          settings.request_timeout_s / 2, self.on_change, content)
+                          settings.request_timeout_s / 2, self.on_change, path)
 
-    def judges(self, manifest: Manifest, kept: Judges = NO_JUDGES) -> Judges:
-        return open_judges(manifest, self.models_dir, self.plan.worker_providers, self.plan.intra_op_threads, kept)
+    def judges(self, manifest: Manifest, kept: Judges = NO_JUDGES, files: Mapping[str, str] | None = None) -> Judges:
+        return open_judges(manifest, self.models_dir, self.plan.worker_providers, self.plan.intra_op_threads, kept,
+                           files)
 
 
 def body_limit(entries: list[ModelEntry], settings: Settings) -> int:
@@ -173,8 +174,8 @@ class Decision:
     manifest_text: str
     admitted: dict[str, GateResult | None]  # name@version -> what its gate measured (None: not gated)
     refused: dict[str, str]  # name (its served version) or name@version -> why
-    files: dict[str, bytes] = field(default_factory=dict, repr=False)  # sha256 -> each admitted file's bytes,
-    # as hashed here: workers open these, never the disk, so a file emptied or replaced later cannot split them
+    files: dict[str, str] = field(default_factory=dict)  # sha256 -> the checked copy of each admitted file (and
+    # judge) the supervisor keeps: workers open these, never the models folder, which may change under them
 
     def manifest(self) -> Manifest:
         """The manifest as the decision read it (its text: the folder may have changed since)."""
@@ -225,14 +226,14 @@ def prepare(current: ModelSet | None, decision: Decision, sizes: tuple[int, ...]
     queues = {key: old_queues[key] if key in old_queues else loader.make_queue(model)
               for key, model in runtimes.items()}
     retired = [q for key, q in old_queues.items() if queues.get(key) is not q]
-    judges = loader.judges(manifest, current.judges if current is not None else NO_JUDGES)
+    judges = loader.judges(manifest, current.judges if current is not None else NO_JUDGES, decision.files)
     models = _make(manifest, runtimes, queues, failures, True, loader.settings, judges,
                    {key: decision.admitted[key] for key in runtimes}, decision.generation)
     return Prepared(models, fresh, retired)
 
 
 def _ready(entry: ModelEntry, manifest: Manifest, current: ModelSet | None, sizes: tuple[int, ...], loader: Loader,
-           fresh: list[ModelRuntime], contents: Mapping[str, bytes]) -> ModelRuntime:
+           fresh: list[ModelRuntime], files: Mapping[str, str]) -> ModelRuntime:
     """One admitted version, warmed: the current set's when it serves it already, else opened (and added
     to `fresh`)."""
     kept = current.versions.get(entry.key) if current is not None else None
@@ -242,7 +243,8 @@ def _ready(entry: ModelEntry, manifest: Manifest, current: ModelSet | None, size
         model = kept
     else:
         try:
-            model = loader.open(entry, contents.get(entry.sha256))
+            copy = files.get(entry.sha256)
+            model = loader.open(entry, Path(copy) if copy else None)
         except ModelFileError as err:
             raise ReloadError(failure_key(manifest, entry), str(err)) from None
         fresh.append(model)

@@ -61,9 +61,10 @@ class Judges:
 NO_JUDGES = Judges()
 
 
-def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, threads: int) -> Judge:
-    """The judge's session after its checksum and interface; ModelFileError when either fails."""
-    path = models_dir / entry.file
+def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, threads: int, path: Path | None = None) -> Judge:
+    """The judge's session after its checksum and interface; ModelFileError when either fails. `path`:
+    the checked copy to read instead of the models folder's file."""
+    path = path or models_dir / entry.file
     session = open_onnx(path, entry.sha256, providers, threads)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if [(i.name, i.type, i.shape[1:]) for i in inputs] != [("image", "tensor(float)", list(entry.image_shape))]:
@@ -77,7 +78,7 @@ def open_judge(entry: JudgeEntry, models_dir: Path, providers: list, threads: in
 
 
 def open_judges(manifest: Manifest, models_dir: Path, providers: list, threads: int,
-                kept: Judges = NO_JUDGES) -> Judges:
+                kept: Judges = NO_JUDGES, files: Mapping[str, str] | None = None) -> Judges:
     """Every judge of the manifest: those of `kept` whose entry is unchanged carry on, the rest are opened."""
     loaded, failed = {}, {}
     for entry in manifest.judges:
@@ -86,7 +87,8 @@ def open_judges(manifest: Manifest, models_dir: Path, providers: list, threads: 
             loaded[entry.name] = old
             continue
         try:
-            loaded[entry.name] = open_judge(entry, models_dir, providers, threads)
+            copy = (files or {}).get(entry.sha256)
+            loaded[entry.name] = open_judge(entry, models_dir, providers, threads, Path(copy) if copy else None)
         except ModelFileError as err:
             failed[entry.name] = str(err)
             log.error("judge %s not loaded: %s", entry.name, err)

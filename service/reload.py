@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from typing import Callable
@@ -159,6 +160,7 @@ class Follower(_Writer):
         self._inbox.put_nowait(("prepare", decision, failure))
         threading.Thread(target=self._receive, args=(loop,), name="lifecycle", daemon=True).start()
         self._task = loop.create_task(self._follow())
+        self._task.add_done_callback(_end_if_failed)
 
     async def first(self) -> None:
         """Until the first set is committed: the worker listens only then. ReloadError when it cannot be
@@ -182,9 +184,15 @@ class Follower(_Writer):
         while True:
             try:
                 message = self.channel.recv()
-            except (EOFError, OSError):  # the supervisor is gone: the worker dies with it (service/orphans.py)
+            except (EOFError, OSError):
+                if not self.stopped:  # the supervisor is gone: nobody decides for this worker any more
+                    log.critical("the supervisor's channel closed; this worker exits")
+                    os._exit(70)
                 return
-            loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+            try:
+                loop.call_soon_threadsafe(self._inbox.put_nowait, message)
+            except RuntimeError:  # the event loop closed: the worker is shutting down
+                return
 
     def _send(self, *message) -> None:
         try:
@@ -194,23 +202,35 @@ class Follower(_Writer):
 
     async def _follow(self) -> None:
         while True:
-            kind, *args = await self._inbox.get()
-            if kind == "prepare":
-                decision, self.failure = args
-                await self._on_prepare(decision)
-            elif kind == "commit" and self._pending is not None and self._pending.models.generation == args[0]:
-                prepared, self._pending = self._pending, None
-                await self._swap(prepared)
+            message = await self._inbox.get()
+            try:
+                await self._handle(*message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # a bug, or a thread or memory that ran out: say so, never go silent
+                log.exception("lifecycle message %s failed", message[0])
+                if message[0] == "prepare":
+                    self._send("prepared", message[1].generation, ("worker", f"preparing failed: {err}"))
                 if self._first is not None and not self._first.done():
-                    self._first.set_result(None)
-                self._send("serving", args[0])
-            elif kind == "abort":
-                generation, self.failure = args
-                if self._pending is not None and self._pending.models.generation == generation:
-                    self._pending.abandon()
-                    self._pending = None
-            elif kind == "failed":
-                self.failure = args[0]
+                    self._first.set_exception(ReloadError("worker", f"{message[0]} failed: {err}"))
+
+    async def _handle(self, kind: str, *args) -> None:
+        if kind == "prepare":
+            decision, self.failure = args
+            await self._on_prepare(decision)
+        elif kind == "commit" and self._pending is not None and self._pending.models.generation == args[0]:
+            prepared, self._pending = self._pending, None
+            await self._swap(prepared)
+            if self._first is not None and not self._first.done():
+                self._first.set_result(None)
+            self._send("serving", args[0])
+        elif kind == "abort":
+            generation, self.failure = args
+            if self._pending is not None and self._pending.models.generation == generation:
+                self._pending.abandon()
+                self._pending = None
+        elif kind == "failed":
+            self.failure = args[0]
 
     async def _on_prepare(self, decision: Decision) -> None:
         if self._pending is not None:  # superseded before it was committed
@@ -225,6 +245,14 @@ class Follower(_Writer):
                 self._first.set_exception(err)
             return
         self._send("prepared", decision.generation, None)
+
+
+def _end_if_failed(task: asyncio.Task) -> None:
+    """The follower's task ended other than by cancellation: the worker can no longer follow its
+    supervisor, so it exits and is replaced."""
+    if not task.cancelled():
+        log.critical("the lifecycle task ended (%r); this worker exits", task.exception())
+        os._exit(70)
 
 
 async def _retire(queues: list[ModelQueue]) -> None:

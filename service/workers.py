@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import queue
 import signal
 import socket
 import sys
@@ -45,6 +46,7 @@ log = logging.getLogger("digitgen.workers")
 
 RETRY_DELAYS_S = (1, 2, 4, 8, 16, 30)  # before restarting a worker that keeps failing, then every 30 s
 STABLE_S = 60.0  # a worker that served this long before it died is replaced at once
+SHUTDOWN_S = 30.0  # workers still running this long after SIGTERM are killed
 AppFactory = Callable[..., Any]  # (supervised=Supervised) -> ASGI app; picklable (it crosses to spawned workers)
 
 
@@ -95,10 +97,30 @@ def run(app_factory: AppFactory, options: dict, workers: int, lifecycle: Lifecyc
     return 0
 
 
+class Outbox:
+    """Messages to one worker, sent by a thread of their own: a worker that stops reading (frozen, swapping)
+    blocks that thread, never the supervisor's loop (which replaces the dead and times reloads out)."""
+
+    def __init__(self, channel):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._send, args=(channel,), name="outbox", daemon=True).start()
+
+    def put(self, message: tuple | None) -> None:
+        self._queue.put(message)
+
+    def _send(self, channel) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                channel.send(message)
+            except (OSError, ValueError):  # it died: check() replaces it
+                return
+
+
 @dataclass
 class Worker:
     process: Any  # a spawned multiprocessing Process; None: waiting out a retry delay
-    channel: Any  # the supervisor's end of its Connection
+    channel: Any  # the supervisor's end of its Connection (read by the supervisor's loop)
+    outbox: Outbox | None  # what is sent to it
     first: bool  # one of the workers the service started with
     failures: int = 0  # failed starts or early deaths in a row in this slot
     retry_at: float = 0.0
@@ -106,16 +128,15 @@ class Worker:
     ready: bool = False  # it serves: it committed its first set
     generation: int = 0  # the decision it serves
     held: int | None = None  # prepared while a reload ran: waits for its outcome (service/coordinator.py)
+    committing: int | None = None  # told to commit its first set, not yet serving it
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
     def send(self, message: tuple) -> None:
-        try:
-            self.channel.send(message)
-        except (OSError, ValueError):  # it died meanwhile: check() replaces it
-            pass
+        if self.outbox is not None:
+            self.outbox.put(message)
 
 
 class Supervisor:
@@ -136,7 +157,7 @@ class Supervisor:
         with reload_signal_blocked():  # the child inherits the mask: SIGHUP cannot kill it while it starts
             process.start()
         theirs.close()
-        return Worker(process, ours, first, failures, started=time.monotonic())
+        return Worker(process, ours, Outbox(ours), first, failures, started=time.monotonic())
 
     def forward_reload(self, *_) -> None:
         """SIGHUP: decide the next set once, for every worker (service/coordinator.py)."""
@@ -154,7 +175,8 @@ class Supervisor:
         pid, status = worker.process.pid, worker.process.exitcode
         _drop_metrics(pid)
         self.coordinator.gone(worker, self.workers)
-        worker.channel.close()
+        if worker.outbox is not None:
+            worker.outbox.put(None)
         lived = time.monotonic() - worker.started
         if worker.ready and lived >= STABLE_S:
             log.warning("worker %s exited (status %s) after %.0f s; starting another", pid, status, lived)
@@ -167,7 +189,7 @@ class Supervisor:
         log.error("worker %s exited (status %s) %s %.1f s after it started; starting another in %d s "
                   "(%d failure(s) in a row)", pid, status, "ready," if worker.ready else "before it was ready,",
                   lived, delay, worker.failures + 1)
-        self.workers[i] = Worker(None, None, False, worker.failures + 1, time.monotonic() + delay)
+        self.workers[i] = Worker(None, None, None, False, worker.failures + 1, time.monotonic() + delay)
         return True
 
     def run(self, count: int) -> int:
@@ -214,8 +236,9 @@ class Supervisor:
         for process in started:
             if process.is_alive():
                 process.terminate()  # uvicorn shuts down gracefully on SIGTERM
+        deadline = time.monotonic() + SHUTDOWN_S  # one deadline for all, not SHUTDOWN_S each
         for process in started:
-            process.join(30)
+            process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()

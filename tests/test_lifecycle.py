@@ -314,3 +314,26 @@ def test_prune_removes_only_the_files_no_manifest_entry_lists(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{")
     assert service_cli(["prune", "--models-dir", str(tmp_path)]) == 2
     assert "nothing removed" in capsys.readouterr().err
+
+
+def test_the_checked_copies_are_what_workers_open_and_only_two_generations_are_kept(tmp_path):
+    write_models_dir(tmp_path)
+    life = lifecycle_over(tmp_path, tmp_path / "cache")
+    first = life.decide(strict=False)
+    life.commit(first)
+    gan = load_manifest(tmp_path).model("gan")
+    copy = Path(first.files[gan.sha256])
+    assert copy.parent == life.copies and copy.read_bytes() == (tmp_path / gan.file).read_bytes()
+    assert oct(life.copies.stat().st_mode & 0o777) == "0o700"
+    versions = [add_gan_version(tmp_path) for _ in range(2)]
+    for _ in versions:
+        life.commit(life.decide(strict=True))
+    kept = {p.name for p in life.copies.glob("*.onnx")}
+    assert kept == {Path(p).name for p in life.current.files.values()} | \
+        {Path(p).name for p in life._previous.files.values()}
+    assert copy.name in kept  # gan's first version is still listed (pinned requests), so still kept
+    folder = life.copies
+    del life
+    import gc
+    gc.collect()
+    assert not folder.exists()

@@ -251,11 +251,12 @@ class ModelRuntime:
 
 def open_model(entry: ModelEntry, models_dir: Path, providers: list, threads: int, expects_process: bool,
                deadline_min_s: float, deadline_max_s: float, on_change: OnChange | None = None,
-               content: bytes | None = None) -> ModelRuntime:
+               path: Path | None = None) -> ModelRuntime:
     """The entry's runtime on this worker's own sessions, after the file's checks; ModelFileError (never
-    another error) when any fails. On CUDA, a CPU session of the same file too, for small batches."""
-    path = models_dir / entry.file
-    local = open_model_session(path, entry, providers, threads, content)
-    cpu = open_model_session(path, entry, [CPU], threads, content) if local.provider != CPU else None
+    another error) when any fails. `path`: where to read the file instead of the models folder (the
+    supervisor's checked copy, service/lifecycle.py). On CUDA, a CPU session of the same file too, for small batches."""
+    path = path or models_dir / entry.file
+    local = open_model_session(path, entry, providers, threads)
+    cpu = open_model_session(path, entry, [CPU], threads) if local.provider != CPU else None
     log.info("model %s loaded from %s on %s", entry.name, path, local.provider)
     return ModelRuntime(entry, path, local, cpu, expects_process, deadline_min_s, deadline_max_s, on_change)

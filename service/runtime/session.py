@@ -7,7 +7,6 @@ for each other without probing. Any failure to open is a ModelFileError naming t
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Protocol
@@ -50,16 +49,13 @@ class LocalSession:
         """Nothing outside this process to let go of: ONNX Runtime frees the session with the object."""
 
 
-def open_onnx(path: Path, sha256: str, providers: list, threads: int,
-              content: bytes | None = None) -> ort.InferenceSession:
+def open_onnx(path: Path, sha256: str, providers: list, threads: int) -> ort.InferenceSession:
     """A session of the file the manifest names (a model's or a judge's), after its checksum; ModelFileError
-    (never another error) when it is missing, unreadable, another file or not loadable. `content`: the
-    file's bytes as the supervisor read and checked them (service/lifecycle.py), used instead of the disk,
-    which may have changed since."""
-    if content is None and not path.is_file():
+    (never another error) when it is missing, unreadable, another file or not loadable."""
+    if not path.is_file():
         raise ModelFileError(f"{path} is missing")
     try:
-        actual = sha256_of(path) if content is None else hashlib.sha256(content).hexdigest()
+        actual = sha256_of(path)
     except OSError as err:  # unreadable (permissions, I/O error): this model is left out, not the service
         raise ModelFileError(f"{path} cannot be read: {err.strerror or err}") from None
     if actual != sha256:
@@ -70,7 +66,7 @@ def open_onnx(path: Path, sha256: str, providers: list, threads: int,
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # ONNX Runtime's own warnings would repeat what we log
     try:
-        session = ort.InferenceSession(str(path) if content is None else content, options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as err:  # ONNX Runtime raises its own types for corrupt files
         raise ModelFileError(f"{path} does not load in ONNX Runtime: {str(err).strip()[:200]}") from None
     if providers[0] != CPU and session.get_providers()[0] == CPU:
@@ -92,10 +88,9 @@ def check_interface(session: ort.InferenceSession, entry: ModelEntry) -> None:
         raise ModelFileError(f"outputs are {[o.name for o in session.get_outputs()]}, expected ['image']")
 
 
-def open_model_session(path: Path, entry: ModelEntry, providers: list, threads: int,
-                       content: bytes | None = None) -> LocalSession:
+def open_model_session(path: Path, entry: ModelEntry, providers: list, threads: int) -> LocalSession:
     """The model file's session after its checksum and interface checks; ModelFileError when any fails."""
-    session = open_onnx(path, entry.sha256, providers, threads, content)
+    session = open_onnx(path, entry.sha256, providers, threads)
     check_interface(session, entry)
     return LocalSession(session)
 
