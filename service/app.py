@@ -28,7 +28,7 @@ from service.middleware import BodyLimit, HotRoutes, RequestMetrics
 from service.modelset import Loader, ModelSet, open_set
 from service.plan import Plan, make_plan
 from service.reload import Follower, Reloader
-from service.routes import images, ops, page, v2
+from service.routes import docs, images, ops, page, v2
 from service.runtime import devices
 from service.runtime.attach import Attacher
 from service.runtime.model import ModelRuntime
@@ -57,10 +57,12 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
     metrics = Metrics()
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
     app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, plan, metrics, keys, warm, supervised),
+                  docs_url=None, redoc_url=None,  # service/routes/docs.py: the package's own, never a CDN's
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
     for router in (images.router(settings), v2.router("digit-gen", VERSION), ops.router(metrics)):
         mount(app, router)
     page.add_page(app)
+    docs.add_docs(app, keys_on=bool(keys))
     app.add_exception_handler(ApiError, error_response)  # type: ignore[arg-type]  # Starlette types it for Exception
     app.add_exception_handler(StarletteHTTPException, http_error_response)  # type: ignore[arg-type]
     app.add_middleware(HotRoutes, routes=[r for r in app.routes if getattr(r, "path", None) in HOT_PATHS])

@@ -27,6 +27,11 @@ class KeyFileError(ValueError):
     """The keys file cannot be used; the message names the file and line."""
 
 
+def is_open(path: str) -> bool:
+    """A path anyone may request, keys on or off (the OpenAPI document's routes included)."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -93,8 +98,7 @@ class ApiKeys:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = errors.route_path(scope)
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) \
-                or scope["method"] == "OPTIONS":
+        if is_open(path) or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
         presented = presented_key(dict(scope["headers"]))
         name = key_name(presented, self.keys) if presented else None

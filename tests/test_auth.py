@@ -123,3 +123,31 @@ def test_keygen_prints_a_key_and_the_line_that_admits_it(capsys, tmp_path):
     (tmp_path / "keys.txt").write_text(line + "\n")
     from service.auth import key_name
     assert key_name(key, load_keys(tmp_path / "keys.txt")) == "dashboard" and key not in line
+
+
+def test_the_docs_are_served_from_the_package_and_declare_how_to_send_a_key(tmp_path):
+    """With keys on: /docs and its assets stay open; the OpenAPI document declares both ways of sending a
+    key on every route that needs one (Swagger UI's Authorize button then works), none on the open ones."""
+    from fastapi.testclient import TestClient
+    from onnx_fixtures import write_models_dir
+
+    from service.app import create_app
+    from service.auth import new_key
+    from service.config import Settings
+    write_models_dir(tmp_path)
+    key, line = new_key("docs")
+    (tmp_path / "keys.txt").write_text(line + "\n")
+    with TestClient(create_app(Settings(models_dir=tmp_path, intra_op_threads=1, api_keys_file=tmp_path / "keys.txt"),
+                               warm=False)) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and "/static/swagger-ui/swagger-ui-bundle.js" in page.text
+        assert "cdn" not in page.text.lower()
+        for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+            assert client.get(f"/static/swagger-ui/{asset}").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+        assert schema["paths"]["/sample"]["get"]["security"] == [{"bearer": []}, {"apiKey": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
+        assert "401" in schema["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
+        moved = client.get("/redoc", follow_redirects=False)
+        assert moved.status_code == 308 and moved.headers["location"] == "/docs"

@@ -158,3 +158,14 @@ def test_the_page_asks_for_a_key_when_the_server_needs_one(models_dir, tmp_path)
             loaded(driver, "grid", 8 * 28 * 2)
     finally:
         driver.quit()
+
+
+def test_the_api_docs_render_from_the_package_alone(browser, url):
+    """/docs draws every operation with Swagger UI from /static: nothing is fetched from another origin
+    (this machine reaches no CDN, so a page that needed one would stay blank)."""
+    browser.get(url + "/docs")
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5, "no operations drawn")
+    assert "/sample" in browser.page_source and "/v2/models/{name}/infer" in browser.page_source
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert resources and all(r.startswith(url) for r in resources), resources
+    assert severe(browser) == []
