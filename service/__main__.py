@@ -27,7 +27,7 @@ from typing import Any, Mapping  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 from pydantic_settings import SettingsError  # noqa: E402
 
-from service import workers  # noqa: E402
+from service import logs, workers  # noqa: E402
 from service.app import VERSION, create_app  # noqa: E402
 from service.auth import KeyFileError, load_keys, new_key  # noqa: E402
 from service.config import Settings  # noqa: E402
@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                       f'["http://localhost:3000"]')
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format, "supervisor")
     plan = make_plan(settings)
+    if plan.workers == 1:  # served in this process
+        logs.configure(settings.log_level, settings.log_format, "worker-0")
     options = {"host": settings.host, "port": args.port, "log_level": settings.log_level,
-               "access_log": settings.access_log}
+               "access_log": False,  # the service's own access log replaces uvicorn's (service/logs.py)
+               "log_config": None, "log_format": settings.log_format}
     if settings.grpc_port:  # taken by another server? (the workers' own sockets share it, so ask first)
         try:
             workers.listening_socket(settings.host, settings.grpc_port, shared=False).close()

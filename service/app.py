@@ -42,7 +42,8 @@ log = logging.getLogger("digitgen.app")
 VERSION = "0.1.0"
 HOT_PATHS = {"/sample", "/generate", "/interpolate", "/v2/models/{name}/infer",
              "/v2/models/{name}/versions/{version}/infer"}
-EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Truncation", "X-Ignored-Parameters", "ETag",
+EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Truncation", "X-Ignored-Parameters",
+                   "X-Request-ID", "ETag",
                    openinference.HEADER_LENGTH]
 
 
@@ -73,7 +74,7 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", openinference.HEADER_LENGTH],
                            expose_headers=EXPOSED_HEADERS)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, metrics=metrics, access_log=settings.access_log)
     return app
 
 

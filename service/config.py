@@ -109,4 +109,7 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(None, description="file of `NAME SHA256_OF_THE_KEY` lines: when set, the "
                                                            "model endpoints need one of those keys")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    access_log: bool = Field(False, description="log one line per request (uvicorn's access log)")
+    access_log: bool = Field(False, description="log one line per request: request id, method, path, status, "
+                                                "latency, and the model, version and queue wait of a model's")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line, with "
+                                                                    "the worker and, for requests, their fields")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from fastapi import Request
 
+from service import logs
 from service.config import Settings
 from service.errors import ApiError
 from service.modelset import ModelSet
@@ -58,8 +59,11 @@ async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, 
     """Queue the job on the model's queue (from `models`, the set the model came from) and await what
     `finish` made of its output (a response; a message for gRPC). Cancelled (the client went away), the
     future is cancelled with it and the job is dropped before it runs."""
+    context = logs.request_context.get()
+    if context is not None:
+        context["model"], context["version"] = model.name, model.entry.version
     try:
-        future = models.queues[model.key].submit(size, inputs, finish, raw, timeout_s)
+        future = models.queues[model.key].submit(size, inputs, finish, raw, timeout_s, context)
     except (QueueFull, BatcherClosed) as full:
         raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
     try:

@@ -9,7 +9,7 @@ import time
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from service import errors
+from service import errors, logs
 from service.metrics import Metrics
 
 log = logging.getLogger("digitgen.http")
@@ -20,24 +20,30 @@ class RequestMetrics:
     without the body (monitors probe with HEAD); gives every response a Cache-Control (`no-store` where
     the route set none), so no cache guesses."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, access_log: bool = False):
+        self.app, self.metrics, self.access_log = app, metrics, access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
-        head = scope["method"] == "HEAD"
+        method = scope["method"]
+        head = method == "HEAD"
         if head:
             scope = dict(scope, method="GET")
+        context = {"request_id": logs.request_id(scope["headers"])}
+        token = logs.request_context.set(context)
+        request_header = (b"x-request-id", context["request_id"].encode())
 
         async def send_status(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if not any(name == b"cache-control" for name, _ in message.get("headers", ())):
-                    message = dict(message, headers=[*message.get("headers", ()), (b"cache-control", b"no-store")])
+                headers = [*message.get("headers", ()), request_header]
+                if not any(name == b"cache-control" for name, _ in headers):
+                    headers.append((b"cache-control", b"no-store"))
+                message = dict(message, headers=headers)
             elif head and message["type"] == "http.response.body":
                 message = dict(message, body=b"")
             await send(message)
@@ -45,9 +51,13 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            logs.request_context.reset(token)
             endpoint = getattr(scope.get("route"), "path", "unmatched")
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(endpoint).observe(seconds)
+            if self.access_log:
+                logs.log_request(context, method, scope["path"], status, seconds, scope.get("client"))
 
 
 class BodyTooLarge(errors.ApiError):

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, multiprocess, values
 
+from service import logs
 from service.coordinator import Coordinator
 from service.lifecycle import Lifecycle
 from service.modelset import Decision, ReloadError
@@ -56,6 +57,7 @@ class Supervised:
     channel: Any  # a multiprocessing Connection
     decision: Decision
     failure: tuple[str, str] | None  # the last reload's, shown in /readyz
+    slot: int = 0  # which worker it is (worker-N in the logs): a replacement takes its slot's number
 
 
 def supported() -> bool:
@@ -93,6 +95,7 @@ def run(app_factory: AppFactory, options: dict, workers: int, lifecycle: Lifecyc
     if workers > 1:
         log.warning("workers=%d needs Linux (a socket per worker); serving with one process", workers)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until the app listens for it
+    options = {key: value for key, value in options.items() if key != "log_format"}
     uvicorn.Server(uvicorn.Config(app_factory(), **options)).run()
     return 0
 
@@ -149,9 +152,9 @@ class Supervisor:
         self.workers: list[Worker] = []
         self.coordinator = Coordinator(lifecycle, _reload_counter())
 
-    def start(self, first: bool, failures: int = 0) -> Worker:
+    def start(self, slot: int, first: bool, failures: int = 0) -> Worker:
         ours, theirs = self.context.Pipe()
-        supervised = Supervised(theirs, self.coordinator.served, self.coordinator.failure)
+        supervised = Supervised(theirs, self.coordinator.served, self.coordinator.failure, slot)
         process = self.context.Process(target=_worker, args=(self.app_factory, self.options, supervised, os.getpid()),
                                        name="digitgen-worker")
         with reload_signal_blocked():  # the child inherits the mask: SIGHUP cannot kill it while it starts
@@ -168,7 +171,7 @@ class Supervisor:
         worker = self.workers[i]
         if worker.process is None:
             if time.monotonic() >= worker.retry_at:
-                self.workers[i] = self.start(first=False, failures=worker.failures)
+                self.workers[i] = self.start(i, first=False, failures=worker.failures)
             return True
         if worker.process.is_alive():
             return True
@@ -180,7 +183,7 @@ class Supervisor:
         lived = time.monotonic() - worker.started
         if worker.ready and lived >= STABLE_S:
             log.warning("worker %s exited (status %s) after %.0f s; starting another", pid, status, lived)
-            self.workers[i] = self.start(first=False)
+            self.workers[i] = self.start(i, first=False)
             return True
         if not worker.ready and worker.first:
             log.error("worker %s exited before it was ready (status %s); stopping", pid, status)
@@ -201,7 +204,7 @@ class Supervisor:
         except ReloadError as err:
             log.error("nothing to serve: %s", err)
             return 1
-        self.workers = [self.start(first=True) for _ in range(count)]
+        self.workers = [self.start(i, first=True) for i in range(count)]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back since python -m service began
         status = 0
         while not self.stop.is_set():
@@ -278,8 +281,9 @@ def _drop_metrics(pid: int | None) -> None:
 def _worker(app_factory: AppFactory, options: dict, supervised: Supervised, parent: int) -> None:
     """One worker: SIGHUP is still blocked here (inherited), until the app ignores it (the supervisor's)."""
     die_with_parent(parent)
-    logging.basicConfig(level=options.get("log_level", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # a spawned process starts bare
+    options = dict(options)
+    logs.configure(options.get("log_level", "info"), options.pop("log_format", "text"),
+                   f"worker-{supervised.slot}")  # a spawned process starts bare
     sock = listening_socket(options["host"], options["port"])
     app = app_factory(supervised=supervised)
     server = uvicorn.Server(uvicorn.Config(app, **options))

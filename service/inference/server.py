@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from service import logs
 from service.config import Settings
 from service.inference import wire
 from service.orphans import die_with_parent
@@ -296,8 +297,7 @@ def main(settings: Settings, plan: Plan, address: str, ready, parent: int) -> No
     die_with_parent(parent)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s inference[{os.getpid()}] "
-                                                                 "%(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format, "inference")
     raise_open_files_limit()
     providers = list(plan.device_providers)
 

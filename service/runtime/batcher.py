@@ -52,6 +52,7 @@ class Job:
     gone: Callable[[], bool]  # True once nobody waits (a timed-out future, a closed connection)
     waiter: Any = None  # what `deliver` resolves
     enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # when its batch began (0: not yet)
 
 
 class Observer(Protocol):
@@ -183,6 +184,7 @@ class Batcher:
             if not live:
                 return
             for job in live:
+                job.started = now
                 self._observer.waited(now - job.enqueued)
             key = threading.get_ident()
             self._running[key] = time.monotonic()

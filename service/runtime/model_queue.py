@@ -77,13 +77,17 @@ class ModelQueue:
         return self.batcher.alive
 
     def submit(self, size: int, inputs: Inputs, finish: Callable[[np.ndarray], Any], raw: bool = False,
-               timeout_s: float = 30.0) -> asyncio.Future:
+               timeout_s: float = 30.0, context: dict | None = None) -> asyncio.Future:
         """Queue a request from the event loop; await the future for `finish(pixels)` (raw: `finish(output)`).
-        QueueFull or BatcherClosed when it cannot be queued."""
+        QueueFull or BatcherClosed when it cannot be queued. `context`: the request's access-log fields,
+        given the job (its queue wait)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        request = Request(size, inputs, time.monotonic() + timeout_s, future.done, future, time.monotonic(), finish, raw)
+        request = Request(size, inputs, time.monotonic() + timeout_s, future.done, future, time.monotonic(), finish=finish,
+                          raw=raw)
         self.batcher.submit(request)
+        if context is not None:
+            context["job"] = request
         request.timer = loop.call_later(timeout_s, _expire, future, self.model.name, timeout_s)
         return future
 
