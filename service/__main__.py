@@ -3,6 +3,7 @@
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 `python -m service prune [--models-dir] [--dry-run]`: remove the model files the manifest no longer lists.
+`python -m service batch OUT --n N [--model] [--digit] [--url | --models-dir]`: a folder of PNGs (or an .npz).
 
 Flags override DIGITGEN_* environment variables; the settings and the plan reach the workers as values.
 """
@@ -36,7 +37,7 @@ from service.lifecycle import Lifecycle  # noqa: E402
 from service.manifest import ManifestError, load_manifest  # noqa: E402
 from service.plan import make_plan  # noqa: E402
 
-COMMANDS = ("triton-repository", "keygen", "prune")
+COMMANDS = ("triton-repository", "keygen", "prune", "batch")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return keygen(argv[1:])
     if argv[:1] == ["prune"]:
         return prune_command(argv[1:])
+    if argv[:1] == ["batch"]:
+        return batch_command(argv[1:])
     if argv and not argv[0].startswith("-"):  # serving takes flags only: a word first is a mistyped command
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         return _error(f"error: unknown command {argv[0]!r}{f' (did you mean {close[0]}?)' if close else ''}; the "
@@ -132,6 +135,65 @@ def keygen(argv: list[str]) -> int:
     print(f"key:  {key}\nline: {line}\n# give the key to its user; append the line to the keys file, e.g.\n"
           f"#   echo '{line}' >> keys.txt")
     return 0
+
+
+def batch_command(argv: list[str]) -> int:
+    from service import batch
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service batch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Draw N images into OUT, a folder of PNGs (or OUT.npz), from a running service (--url) or "
+                    "from a models folder's ONNX files; seeded (the same command gives the same images, from "
+                    "either) and resumable (run it again to continue).\n\n" + batch.__doc__.split("\n\n", 1)[1])
+    parser.add_argument("out", type=Path, metavar="OUT", help="a folder, or a file ending .npz")
+    parser.add_argument("--n", type=_positive, required=True, help="how many images")
+    parser.add_argument("--model", help="a model name (default: the default of /sample, or of /generate with --digit)")
+    parser.add_argument("--version", help="one version of the model (default: the one it serves)")
+    parser.add_argument("--digit", type=int, help="a conditional model: this class for every image (default: a "
+                                                  "random class per image)")
+    parser.add_argument("--seed", type=int, default=0, help="the first chunk's seed; chunk k uses seed + k (default 0)")
+    parser.add_argument("--truncation", type=float, default=1.0, help="0 < t <= 1 (default 1)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--url", help="a running service, e.g. http://127.0.0.1:8000")
+    source.add_argument("--models-dir", type=Path, help="draw from this folder's ONNX files, without a service "
+                                                        "(default, when --url is not given: exported)")
+    parser.add_argument("--api-key", default=os.environ.get("DIGITGEN_API_KEY"), help="with --url: the key "
+                                                                                       "(DIGITGEN_API_KEY)")
+    args = parser.parse_args(argv)
+    if not 0 < args.truncation <= 1:
+        return _error(f"error: --truncation {args.truncation}: 0 < t <= 1")
+    if args.seed < 0:
+        return _error(f"error: --seed {args.seed}: 0 or more")
+    try:
+        if args.url:
+            import httpx
+
+            from service.client import Client, ServiceError
+            with Client(args.url, args.api_key) as client:
+                try:
+                    drawn = batch.run(args.out, args.n, args.seed, batch.from_service(
+                        client, args.model, args.version, args.digit, args.truncation))
+                except ServiceError as err:
+                    return _error(f"error: {args.url}: {err}")
+                except httpx.HTTPError as err:  # nothing listening, a timeout after the retries
+                    return _error(f"error: --url {args.url}: {err}")
+        else:
+            draw = batch.from_files(args.models_dir or Path(Settings().models_dir), args.model, args.version,
+                                    args.digit, args.truncation)
+            drawn = batch.run(args.out, args.n, args.seed, draw)
+    except (ValueError, ManifestError) as err:
+        return _error(f"error: {err}")
+    except OSError as err:
+        return _error(f"error: {err.filename or args.out}: {err.strerror or err}")
+    print(f"{args.out}: {args.n} images ({drawn} drawn now, {args.n - drawn} there already)")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: 1 or more")
+    return value
 
 
 def prune_command(argv: list[str]) -> int:

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from contextvars import ContextVar
 
@@ -75,13 +76,26 @@ def log_request(context: dict, method: str, path: str, status: int, seconds: flo
     access.info(text, extra=fields)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (not the one at creation)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
 def configure(level: str, form: str, role: str) -> None:
-    """The root logger of this process: `form` text or json, every line naming `role` and the pid."""
-    handler = logging.StreamHandler()
+    """The root logger of this process: `form` text or json, every line naming `role` and the pid. Called
+    again, it replaces the handler it added before (and leaves others, a test runner's, alone)."""
+    handler = _Stderr()
     handler.setFormatter(JsonLines() if form == "json" else logging.Formatter(TEXT))
     handler.addFilter(_Who(role))
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Stderr)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
