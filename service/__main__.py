@@ -36,6 +36,7 @@ from service.inference.keeper import InferenceProcessError, serving  # noqa: E40
 from service.lifecycle import Lifecycle  # noqa: E402
 from service.manifest import ManifestError, load_manifest  # noqa: E402
 from service.plan import make_plan  # noqa: E402
+from service.ratelimit import Buckets, load_limits  # noqa: E402
 
 COMMANDS = ("triton-repository", "keygen", "prune", "batch")
 
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
         if settings.api_keys_file:
             load_keys(settings.api_keys_file)
+            load_limits(settings.api_keys_file)
     except ValidationError as err:
         return _error("\n".join(_setting_error(problem, flags) for problem in err.errors()))
     except SettingsError as err:  # a list or object setting that is not JSON, such as DIGITGEN_CORS_ORIGINS
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     "digit-gen %s on http://%s:%d with %d worker(s)%s; reload the models: kill -HUP %d", VERSION,
                     host, args.port, plan.workers, f" and the inference process ({plan.device_providers[0]})"
                     if plan.inference_process else "", os.getpid())
-                return workers.run(partial(create_app, settings, plan), options, plan.workers, Lifecycle(settings, plan))
+                buckets = Buckets(load_limits(settings.api_keys_file)) if settings.api_keys_file else None
+                return workers.run(partial(create_app, settings, plan, buckets=buckets), options, plan.workers,
+                                   Lifecycle(settings, plan))
         except InferenceProcessError as err:
             return _error(f"error: the inference process (DIGITGEN_INFERENCE_PROCESS={settings.inference_process}): "
                           f"{err}; see its log above, or try DIGITGEN_INFERENCE_PROCESS=off")

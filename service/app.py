@@ -27,6 +27,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, HotRoutes, RequestMetrics
 from service.modelset import Loader, ModelSet, open_set
 from service.plan import Plan, make_plan
+from service.ratelimit import Buckets, load_limits
 from service.reload import Follower, Reloader
 from service.routes import docs, images, ops, page, v2
 from service.runtime import devices
@@ -48,7 +49,7 @@ EXPOSED_HEADERS = ["X-Seed", "X-Seed-To", "X-Model", "X-Model-Version", "X-Trunc
 
 
 def create_app(settings: Settings | None = None, plan: Plan | None = None, warm: bool = True,
-               supervised: Supervised | None = None) -> FastAPI:
+               supervised: Supervised | None = None, buckets: Buckets | None = None) -> FastAPI:
     """The app. Alone, it answers at once and warms its models in the background (/readyz 503 until then).
     A supervised worker (service/workers.py) serves what its supervisor decided: its models warm before it
     takes a request, so a worker that listens is a ready one (the kernel sends a replacement nothing while
@@ -57,9 +58,12 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
     plan = plan or make_plan(settings)
     metrics = Metrics()
     keys = load_keys(settings.api_keys_file) if settings.api_keys_file else None
+    if keys and buckets is None:  # one process: its own buckets (several workers get the supervisor's)
+        buckets = Buckets(load_limits(settings.api_keys_file)) if settings.api_keys_file else None
     app = FastAPI(title="digit-gen", version=VERSION, lifespan=lifespan_of(settings, plan, metrics, keys, warm, supervised),
                   docs_url=None, redoc_url=None,  # service/routes/docs.py: the package's own, never a CDN's
                   description="Handwritten digits from VAE and GAN models exported to ONNX.")
+    app.state.buckets = buckets  # the keys' rate limits, for HTTP (the middleware) and gRPC
     for router in (images.router(settings), v2.router("digit-gen", VERSION), ops.router(metrics)):
         mount(app, router)
     page.add_page(app)
@@ -69,7 +73,8 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
     app.add_middleware(HotRoutes, routes=[r for r in app.routes if getattr(r, "path", None) in HOT_PATHS])
     app.add_middleware(BodyLimit)
     if keys:  # inside CORS: preflights pass, and a browser can read the 401
-        app.add_middleware(ApiKeys, keys=keys, counter=metrics.key_requests)
+        app.add_middleware(ApiKeys, keys=keys, counter=metrics.key_requests, buckets=buckets,
+                           throttled=metrics.key_throttled)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Content-Type", "Authorization", "X-API-Key", openinference.HEADER_LENGTH],

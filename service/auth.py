@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 from pathlib import Path
@@ -47,10 +48,11 @@ def load_keys(path: Path) -> dict[str, str]:
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
-        parts = text.split()
+        parts = text.split()[:2]  # then optional limits, read by service/ratelimit.py
         if len(parts) != 2 or not NAME.fullmatch(parts[0]) or not DIGEST.fullmatch(parts[1].lower()):
-            raise KeyFileError(f"{path}:{number}: expected `NAME SHA256_OF_THE_KEY` (a name of letters, digits, "
-                               f"., _ or -, then 64 hex digits); `python -m service keygen NAME` writes one")
+            raise KeyFileError(f"{path}:{number}: expected `NAME SHA256_OF_THE_KEY [rate=R] [burst=B]` (a name of "
+                               f"letters, digits, ., _ or -, then 64 hex digits); `python -m service keygen NAME` "
+                               f"writes one")
         name, hashed = parts[0], parts[1].lower()
         if hashed in keys:
             raise KeyFileError(f"{path}:{number}: the key of {name} is already listed as {keys[hashed]}")
@@ -91,8 +93,8 @@ class ApiKeys:
     """ASGI middleware: a request for a model endpoint without a valid key is a 401 (the protocol's
     {"error"} shape under /v2, {"detail"} elsewhere) with WWW-Authenticate: Bearer."""
 
-    def __init__(self, app, keys: dict[str, str], counter):
-        self.app, self.keys, self.counter = app, keys, counter
+    def __init__(self, app, keys: dict[str, str], counter, buckets=None, throttled=None):
+        self.app, self.keys, self.counter, self.buckets, self.throttled = app, keys, counter, buckets, throttled
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -112,4 +114,15 @@ class ApiKeys:
             await send({"type": "http.response.body", "body": body})
             return
         self.counter.labels(name).inc()
+        wait = self.buckets.take(name) if self.buckets is not None else 0.0
+        if wait:
+            self.throttled.labels(name).inc()
+            limit = self.buckets.limits[name]
+            body = errors.encoded(path, f"key {name} is over its limit of {limit.rate:g} requests/s (burst "
+                                        f"{limit.burst:g}); retry after {wait:.2f} s")
+            await send({"type": "http.response.start", "status": 429, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(max(1, math.ceil(wait))).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
         return await self.app(scope, receive, send)

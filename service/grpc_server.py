@@ -31,7 +31,7 @@ log = logging.getLogger("digitgen.grpc")
 
 # HTTP status of an ApiError -> the gRPC code with the same meaning
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
          500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 OPEN = {"ServerLive", "ServerReady"}  # like /v2/health/*: no key needed
 
@@ -129,6 +129,12 @@ def _authorize(metadata: dict[str, Any], servicer: Servicer) -> None:
         why = "a valid API key is required" if not presented else "the API key is not valid"
         raise ApiError(401, f"{why}: send metadata `authorization: Bearer KEY` or `x-api-key: KEY`")
     servicer.metrics.key_requests.labels(name).inc()
+    buckets = getattr(servicer.state, "buckets", None)
+    wait = buckets.take(name) if buckets is not None else 0.0
+    if wait and buckets is not None:
+        servicer.metrics.key_throttled.labels(name).inc()
+        raise ApiError(429, f"key {name} is over its limit of {buckets.limits[name].rate:g} requests/s; retry after "
+                            f"{wait:.2f} s")
 
 
 async def start(state, metrics: Metrics, keys: dict[str, str] | None, host: str, port: int,

@@ -35,6 +35,8 @@ class Metrics:
                                ["result"], registry=self.registry)
         self.key_requests = Counter("digitgen_key_requests", "requests by API key name (never the key)",
                                     ["key"], registry=self.registry)
+        self.key_throttled = Counter("digitgen_key_throttled", "requests refused (429) for being over their key's "
+                                     "rate limit, by key name", ["key"], registry=self.registry)
         self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model and version",
                             ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
         # Each worker scores its own share of what it served: the scrape shows the lowest live worker's

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import pytest
 from conftest import wait_ready
@@ -96,7 +98,7 @@ def test_the_keys_file_holds_hashes_and_bad_lines_are_named(tmp_path):
     good.write_text(LINE + "\n")
     assert load_keys(good) == {LINE.split()[1]: "frontend"}
     assert KEY not in good.read_text()
-    for text, problem in ((f"frontend {KEY}\n", ":1: expected `NAME SHA256_OF_THE_KEY`"),
+    for text, problem in ((f"frontend {KEY}\n", ":1: expected `NAME SHA256_OF_THE_KEY"),
                           ("# nothing\n", "no keys in the file"),
                           (f"{LINE}\n{LINE.replace('frontend', 'again')}\n", ":2: the key of again is already")):
         bad = tmp_path / "bad.txt"
@@ -151,3 +153,69 @@ def test_the_docs_are_served_from_the_package_and_declare_how_to_send_a_key(tmp_
         assert "401" in schema["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
         moved = client.get("/redoc", follow_redirects=False)
         assert moved.status_code == 308 and moved.headers["location"] == "/docs"
+
+
+def limited_keys(tmp_path, rate: str = "rate=2 burst=3"):
+    from service.auth import new_key
+    fast, fast_line = new_key("fast")
+    slow, slow_line = new_key("slow")
+    (tmp_path / "keys.txt").write_text(f"{fast_line}\n{slow_line} {rate}\n")
+    return fast, slow
+
+
+def test_a_key_over_its_rate_limit_gets_a_429_with_retry_after_and_others_go_on(tmp_path):
+    from fastapi.testclient import TestClient
+    from onnx_fixtures import write_models_dir
+
+    from service.app import create_app
+    from service.config import Settings
+    write_models_dir(tmp_path)
+    fast, slow = limited_keys(tmp_path)
+    settings = Settings(models_dir=tmp_path, intra_op_threads=1, api_keys_file=tmp_path / "keys.txt")
+    with TestClient(create_app(settings, warm=False)) as client:
+        answers = [client.get("/healthz", headers={"X-API-Key": slow}) for _ in range(1)]  # open: never limited
+        statuses = [client.get("/sample", params={"seed": 1}, headers={"X-API-Key": slow}).status_code
+                    for _ in range(5)]
+        assert statuses[:3] == [200, 200, 200] and 429 in statuses[3:]  # the burst of 3, then the rate
+        refused = client.get("/v2/models/gan", headers={"X-API-Key": slow})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert "key slow is over its limit of 2 requests/s" in refused.json()["error"]
+        assert all(client.get("/sample", headers={"Authorization": f"Bearer {fast}"}).status_code == 200
+                   for _ in range(10))  # a key without a limit
+        time.sleep(0.6)  # a token back at 2/s
+        assert client.get("/sample", headers={"X-API-Key": slow}).status_code == 200
+        assert 'digitgen_key_throttled_total{key="slow"}' in client.get("/metrics").text
+        assert answers[0].status_code == 200
+
+
+def test_a_limit_holds_across_workers(tmp_path):
+    """Two workers share one bucket per key: 20 requests over fresh connections in well under a second get
+    the burst and about the rate, not twice that."""
+    import urllib.error
+    import urllib.request
+
+    from conftest import running_service
+    from onnx_fixtures import write_models_dir
+    write_models_dir(tmp_path)
+    _, slow = limited_keys(tmp_path, "rate=1 burst=4")
+    ok = 0
+    with running_service(tmp_path, workers=2, api_keys_file=str(tmp_path / "keys.txt")) as service:
+        started = time.monotonic()
+        for _ in range(20):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{service.url}/models", headers={"X-API-Key": slow}))
+                ok += 1
+            except urllib.error.HTTPError as err:
+                assert err.code == 429
+        elapsed = time.monotonic() - started
+    assert 4 <= ok <= 4 + math.ceil(elapsed) + 1, (ok, elapsed)
+
+
+@pytest.mark.parametrize("extra, message", [("rate=0", "rate=0"), ("speed=3", "speed=3"), ("burst=2", "burst= without")])
+def test_a_bad_limit_is_named_by_its_line(tmp_path, extra, message):
+    from service.auth import new_key
+    from service.ratelimit import load_limits
+    _, line = new_key("k")
+    (tmp_path / "keys.txt").write_text(f"# keys\n{line} {extra}\n")
+    with pytest.raises(KeyFileError, match=f"keys.txt:2: .*{message}"):
+        load_limits(tmp_path / "keys.txt")
