@@ -32,6 +32,7 @@ from service import logs, workers  # noqa: E402
 from service.app import VERSION, create_app  # noqa: E402
 from service.auth import KeyFileError, load_keys, new_key  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.http_protocol import Bounds  # noqa: E402
 from service.inference.keeper import InferenceProcessError, serving  # noqa: E402
 from service.lifecycle import Lifecycle  # noqa: E402
 from service.manifest import ManifestError, load_manifest  # noqa: E402
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure(settings.log_level, settings.log_format, "worker-0")
     options = {"host": settings.host, "port": args.port, "log_level": settings.log_level,
                "access_log": False,  # the service's own access log replaces uvicorn's (service/logs.py)
-               "log_config": None, "log_format": settings.log_format}
+               "log_config": None, "log_format": settings.log_format,
+               "bounds": Bounds(settings.max_request_line_bytes, settings.max_header_bytes, settings.header_timeout_s,
+                                settings.body_timeout_s, settings.max_connections)}
     if settings.grpc_port:  # taken by another server? (the workers' own sockets share it, so ask first)
         try:
             workers.listening_socket(settings.host, settings.grpc_port, shared=False).close()

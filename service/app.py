@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service import openinference, process_metrics
 from service.auth import ApiKeys, load_keys
 from service.config import Settings
-from service.errors import ApiError, error_response, http_error_response
+from service.errors import ApiError, client_gone, error_response, http_error_response
 from service.live_quality import LiveQuality
 from service.manifest import Manifest
 from service.metrics import Metrics
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None, plan: Plan | None = None, warm:
     docs.add_docs(app, keys_on=bool(keys))
     app.add_exception_handler(ApiError, error_response)  # type: ignore[arg-type]  # Starlette types it for Exception
     app.add_exception_handler(StarletteHTTPException, http_error_response)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_middleware(HotRoutes, routes=[r for r in app.routes if getattr(r, "path", None) in HOT_PATHS])
     app.add_middleware(BodyLimit)
     if keys:  # inside CORS: preflights pass, and a browser can read the 401

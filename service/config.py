@@ -85,6 +85,16 @@ class Settings(BaseSettings):
                                                                    "of the widest model's inputs take as JSON")
     request_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for its model and "
                                                              "encoding before a 504")
+    max_request_line_bytes: int = Field(8192, ge=256, description="a longer request line (method, URL, version) "
+                                                                  "is a 414, refused as the bytes arrive")
+    max_header_bytes: int = Field(32768, ge=1024, description="larger headers (all of them) are a 431")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection whose request head has not arrived this "
+                                                            "long after it opened (or after its last response and "
+                                                            "keep-alive) is answered 408 and closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body that stalls this long between two reads "
+                                                          "is answered 408 and its connection closed")
+    max_connections: int = Field(4096, ge=1, description="connections per worker; a new one past it is answered "
+                                                         "503 and closed at once")
     quality_gate: bool = Field(True, description="before a model is served (start-up, reload), score seeded samples "
                                                  "with its judge and leave it out when they fall short of the "
                                                  "figures its manifest entry records; off: serve it unchecked")

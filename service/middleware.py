@@ -8,6 +8,7 @@ import time
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from service import errors, logs
 from service.metrics import Metrics
@@ -135,6 +136,8 @@ class HotRoutes:
             response = errors.error_response(request, err)
         except HTTPException as err:
             response = JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=err.headers)
+        except ClientDisconnect as err:  # the client left while its body was read: nobody to answer, nothing to log
+            response = errors.client_gone(request, err)
         except Exception as err:  # a bug, not a client's mistake: logged, and answered in the endpoint's shape
             log.exception("%s %s failed", scope["method"], path)
             response = errors.error_response(request, errors.ApiError(500, f"internal error: {type(err).__name__}"))

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, multiprocess, values
 
-from service import logs
+from service import http_protocol, logs
 from service.coordinator import Coordinator
 from service.lifecycle import Lifecycle
 from service.modelset import Decision, ReloadError
@@ -95,7 +95,7 @@ def run(app_factory: AppFactory, options: dict, workers: int, lifecycle: Lifecyc
     if workers > 1:
         log.warning("workers=%d needs Linux (a socket per worker); serving with one process", workers)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # until the app listens for it
-    options = {key: value for key, value in options.items() if key != "log_format"}
+    options = http_protocol.uvicorn_options({key: value for key, value in options.items() if key != "log_format"})
     uvicorn.Server(uvicorn.Config(app_factory(), **options)).run()
     return 0
 
@@ -284,6 +284,7 @@ def _worker(app_factory: AppFactory, options: dict, supervised: Supervised, pare
     options = dict(options)
     logs.configure(options.get("log_level", "info"), options.pop("log_format", "text"),
                    f"worker-{supervised.slot}")  # a spawned process starts bare
+    options = http_protocol.uvicorn_options(options)
     sock = listening_socket(options["host"], options["port"])
     app = app_factory(supervised=supervised)
     server = uvicorn.Server(uvicorn.Config(app, **options))

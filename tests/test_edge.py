@@ -1,0 +1,153 @@
+"""The HTTP edge (service/http_protocol.py, service/dispatch.py): bounded request lines and headers, head
+and body timeouts, a connection cap, the service's JSON shape for what cannot be parsed, and clients that
+leave: no 500, no log line, no work done for them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port, wait_until
+from onnx_fixtures import write_models_dir
+
+from service import dispatch
+
+
+def exchange(port: int, request: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
+    """What the service answers to `request` (bytes, sent at once), until it closes; and how long that took."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(wait_s)
+        if request:
+            try:
+                sock.sendall(request)
+            except OSError:  # it closed while we sent: what it answered is what counts
+                pass
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    return data, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    """`python -m service` with short timeouts and a small connection cap; its port and its log."""
+    folder = tmp_path_factory.mktemp("edge")
+    write_models_dir(folder)
+    port, log = free_port(), folder / "service.log"
+    env = os.environ | {"DIGITGEN_HEADER_TIMEOUT_S": "1", "DIGITGEN_BODY_TIMEOUT_S": "1", "DIGITGEN_MAX_CONNECTIONS": "30",
+                        "DIGITGEN_LOG_LEVEL": "info"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--workers", "1",
+                                    "--models-dir", str(folder)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status == 200
+            except OSError:
+                return False
+        wait_until(ready, "the service never became ready", 120)
+        yield port, log, process
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def rss_bytes(pid: int) -> int:
+    return int(open(f"/proc/{pid}/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_an_endless_request_line_is_a_414_at_the_bound_and_holds_no_memory(edge):
+    port, _, process = edge
+    before = rss_bytes(process.pid)
+    answer, _ = exchange(port, b"GET /sample?x=" + b"a" * 20_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 414 ") and b'"the request line is longer than 8192 bytes' in answer
+    assert rss_bytes(process.pid) - before < 20 * 2**20  # 20 MB sent; not buffered
+
+
+def test_oversized_headers_are_a_431(edge):
+    port, _, _ = edge
+    headers = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"b" * 1000) for i in range(40))
+    answer, _ = exchange(port, b"GET /sample HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"DIGITGEN_MAX_HEADER_BYTES" in answer
+
+
+def test_a_request_that_cannot_be_parsed_is_answered_in_the_protocols_shape(edge):
+    port, log, _ = edge
+    v2, _ = exchange(port, b"POST /v2/models/gan/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    assert v2.startswith(b"HTTP/1.1 400 ") and b'{"error": "the request cannot be parsed' in v2
+    plain, _ = exchange(port, b"GET /sample HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+    assert plain.startswith(b"HTTP/1.1 400 ") and b'{"detail": ' in plain
+    assert b"application/json" in plain and "Invalid HTTP request received" not in log.read_text()
+
+
+@pytest.mark.parametrize("request_bytes, setting", [
+    (b"", b"DIGITGEN_HEADER_TIMEOUT_S"),                                       # connects, says nothing
+    (b"GET /sample HTTP/1.1\r\nHost: x\r\n", b"DIGITGEN_HEADER_TIMEOUT_S"),     # a head never finished
+    (b"POST /v2/models/gan/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{", b"DIGITGEN_BODY_TIMEOUT_S"),
+])
+def test_slow_clients_are_answered_408_and_closed(edge, request_bytes, setting):
+    port, _, _ = edge
+    answer, took = exchange(port, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 408 ") and setting in answer and 0.9 < took < 3
+
+
+def test_connections_past_the_cap_are_refused_at_once_and_the_rest_serve(edge):
+    port, _, _ = edge
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(35)]
+    try:
+        time.sleep(0.2)
+        answer, took = exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in answer and took < 1
+    finally:
+        for sock in idle:
+            sock.close()
+    time.sleep(0.3)
+    assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+
+
+def test_aborted_uploads_are_counted_499_and_never_logged(edge):
+    port, log, _ = edge
+    for _ in range(20):  # a body promised, a tenth of it sent, then gone
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v2/models/gan/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b'{"inputs": [' + b" " * 90)
+    time.sleep(0.5)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'status="500"' not in metrics
+    assert "Traceback" not in log.read_text() and "ClientDisconnect" not in log.read_text()
+
+
+def test_a_queued_request_whose_client_left_is_dropped_before_it_runs():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        messages = asyncio.Queue()
+        messages.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+        watch = dispatch._Watch(future, messages.get)
+        await asyncio.sleep(dispatch.WATCH_AFTER_S * 2)  # still waiting: it listens now
+        assert watch.task is not None and not future.done()
+        messages.put_nowait({"type": "http.disconnect"})
+        await asyncio.sleep(0.01)
+        return future.cancelled(), watch.gone
+    assert asyncio.run(scenario()) == (True, True)
+
+
+def test_a_request_answered_at_once_never_starts_a_listener():
+    async def scenario():
+        future = asyncio.get_running_loop().create_future()
+        watch = dispatch._Watch(future, asyncio.Queue().get)
+        future.set_result("answer")
+        watch.stop()
+        await asyncio.sleep(dispatch.WATCH_AFTER_S * 2)
+        return watch.task
+    assert asyncio.run(scenario()) is None
