@@ -39,6 +39,8 @@ class _Who(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.who, record.role = self.who, self.role
+        if record.name == "uvicorn.error":  # uvicorn's general logger: its name is no error
+            record.name = "uvicorn"
         return True
 
 
