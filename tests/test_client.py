@@ -116,3 +116,36 @@ def test_batch_into_an_npz_joins_its_chunks(models_dir, tmp_path):
 def test_batch_refuses_bad_flags_by_name(models_dir, tmp_path, capsys, flags, message):
     assert service_cli(["batch", str(tmp_path / "out"), "--n", "3", "--models-dir", str(models_dir), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def readme_block(marker: str, language: str) -> str:
+    import re
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(rf"<!-- {marker} -->\s*```{language}\n(.*?)```", text, re.S)
+    assert block, f"README: the {marker} is missing"
+    return block.group(1)
+
+
+def test_the_readme_client_and_batch_examples_run(models_dir, tmp_path):
+    """The quick start's Python example against a running service, and its two batch commands (smaller n)."""
+    import os
+    import subprocess
+    import sys
+    program = tmp_path / "client.py"
+    program.write_text(readme_block("python client example", "python"))
+    commands = [line.split("#")[0].split() for line in readme_block("batch example", "sh").splitlines() if line.strip()]
+    with running_service(models_dir) as service:
+        done = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env=os.environ | {"DIGITGEN_URL": service.url})
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("7 cgan ") and "(16, 28, 28)" in done.stdout and (tmp_path / "three.png").exists()
+        for command in commands:
+            assert command[:4] == [".venv/bin/python", "-m", "service", "batch"]
+            flags = [service.url if word == "http://127.0.0.1:8000" else "70" if previous == "--n" else word
+                     for previous, word in zip(["", *command[4:]], command[4:])]
+            if "--url" not in flags:
+                flags += ["--models-dir", str(models_dir)]
+            assert service_cli(["batch", *[str(tmp_path / flags[0]), *flags[1:]]]) == 0, flags
+    assert len(list((tmp_path / "sevens").glob("*-7.png"))) == 70
+    assert np.load(tmp_path / "digits.npz")["images"].shape == (70, 28, 28)
