@@ -171,6 +171,7 @@ def batch_command(argv: list[str]) -> int:
         return _error(f"error: --truncation {args.truncation}: 0 < t <= 1")
     if args.seed < 0:
         return _error(f"error: --seed {args.seed}: 0 or more")
+    flags = {"model": args.model, "version": args.version, "digit": args.digit, "truncation": args.truncation}
     try:
         if args.url:
             import httpx
@@ -179,15 +180,15 @@ def batch_command(argv: list[str]) -> int:
             with Client(args.url, args.api_key) as client:
                 try:
                     drawn = batch.run(args.out, args.n, args.seed, batch.from_service(
-                        client, args.model, args.version, args.digit, args.truncation))
+                        client, args.model, args.version, args.digit, args.truncation), flags=flags | {"url": args.url})
                 except ServiceError as err:
                     return _error(f"error: {args.url}: {err}")
                 except httpx.HTTPError as err:  # nothing listening, a timeout after the retries
                     return _error(f"error: --url {args.url}: {err}")
         else:
-            draw = batch.from_files(args.models_dir or Path(Settings().models_dir), args.model, args.version,
-                                    args.digit, args.truncation)
-            drawn = batch.run(args.out, args.n, args.seed, draw)
+            models_dir = args.models_dir or Path(Settings().models_dir)
+            draw = batch.from_files(models_dir, args.model, args.version, args.digit, args.truncation)
+            drawn = batch.run(args.out, args.n, args.seed, draw, flags=flags | {"models_dir": str(models_dir)})
     except (ValueError, ManifestError) as err:
         return _error(f"error: {err}")
     except OSError as err:

@@ -13,7 +13,10 @@ the model and version) in one rename.
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -83,12 +86,15 @@ def from_service(client, model: str | None, version: str | None, digit: int | No
     return draw
 
 
-def run(out: Path, n: int, seed: int, draw: Draw, progress=sys.stderr) -> int:
+def run(out: Path, n: int, seed: int, draw: Draw, progress=sys.stderr, flags: dict | None = None) -> int:
     """Draw n images into `out` (a folder, or a file ending .npz), skipping chunks already there; the
-    number of images drawn now."""
+    number of images drawn now. `flags`: what else decides the images (model, version, digit, truncation,
+    where from), kept in `.batch.json` beside the chunks: a run resumed with other flags is refused (its
+    chunks would not be the ones the command describes)."""
     npz = out.suffix == ".npz"
     folder = out.with_name(out.name + ".parts") if npz else out
     folder.mkdir(parents=True, exist_ok=True)
+    _same_run(folder, {"n": n, "seed": seed, "chunk": CHUNK} | (flags or {}))
     present = {p.name for p in folder.iterdir()}
     started, drawn = time.monotonic(), 0
     for k, first in enumerate(range(0, n, CHUNK)):
@@ -106,6 +112,18 @@ def run(out: Path, n: int, seed: int, draw: Draw, progress=sys.stderr) -> int:
     return drawn
 
 
+def _same_run(folder: Path, wanted: dict) -> None:
+    record = folder / ".batch.json"
+    if record.exists():
+        found = json.loads(record.read_text())
+        differ = [f"{key} {found.get(key)!r} (now {value!r})" for key, value in wanted.items() if found.get(key) != value]
+        if differ:
+            raise ValueError(f"{folder} holds a run drawn with other settings: " + ", ".join(differ)
+                             + "; give another OUT, or the same settings to resume it")
+    else:
+        _atomic(record, json.dumps(wanted).encode())
+
+
 def _name(i: int, digit: int | None) -> str:
     return f"{i:06d}.png" if digit is None else f"{i:06d}-{digit}.png"
 
@@ -113,7 +131,7 @@ def _name(i: int, digit: int | None) -> str:
 def _done(present: set[str], first: int, size: int, npz: bool, k: int) -> bool:
     if npz:
         return f"chunk-{k:06d}.npz" in present
-    return any(name.startswith(f"{first:06d}") and name.endswith(".png") for name in present)
+    return f"{first:06d}.png" in present or any(re.fullmatch(rf"{first:06d}-\d+\.png", name) for name in present)
 
 
 def _write(folder: Path, first: int, chunk: Chunk, npz: bool, k: int) -> None:
@@ -132,15 +150,19 @@ def _write(folder: Path, first: int, chunk: Chunk, npz: bool, k: int) -> None:
 
 def _join(folder: Path, out: Path, n: int) -> None:
     parts = sorted(folder.glob("chunk-*.npz"))
-    loaded = [np.load(p) for p in parts]
-    images = np.concatenate([part["images"] for part in loaded])[:n]
-    digits = np.concatenate([part["digits"] for part in loaded])[:n]
+    images, digits = [], []
+    for part in parts:  # each closed once read: thousands of chunks must not hold thousands of files
+        with np.load(part) as data:
+            images.append(data["images"])
+            digits.append(data["digits"])
+            model, version = str(data["model"]), str(data["version"])
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, images=images, digits=digits, model=loaded[0]["model"], version=loaded[0]["version"])
+    np.savez_compressed(buffer, images=np.concatenate(images), digits=np.concatenate(digits), model=model,
+                        version=version)
+    if sum(len(i) for i in images) != n:
+        raise ValueError(f"{folder}: its chunks hold {sum(len(i) for i in images)} images, not {n}")
     _atomic(out, buffer.getvalue())
-    for part in parts:
-        part.unlink()
-    folder.rmdir()
+    shutil.rmtree(folder)
 
 
 def _atomic(path: Path, data: bytes) -> None:

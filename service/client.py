@@ -76,7 +76,7 @@ def _images(response: httpx.Response) -> Images:
 def _error(response: httpx.Response) -> ServiceError:
     try:
         body = response.json()
-        message = body.get("detail", body.get("error", response.text))
+        message = body.get("detail", body.get("error", response.text)) if isinstance(body, dict) else response.text
     except ValueError:
         message = response.text
     return ServiceError(response.status_code, message if isinstance(message, str) else str(message))

@@ -117,6 +117,10 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+            # answered before its body was all in (a 401, a 404): uvicorn armed its keep-alive timer then, and
+            # the rest of the body cancelled it; without this the connection would hold no timer at all
+            self._arm(self.bounds.header_timeout_s, HEAD)
 
     def send_400_response(self, msg: str) -> None:
         if not self._answered:
@@ -134,7 +138,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def _timed_out(self, why: str, seconds: float) -> None:
         self._timer = None
         if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body is False:
-            return  # the request is in; the app answers it (DIGITGEN_REQUEST_TIMEOUT_S bounds that)
+            self._arm(seconds, why)  # a request is in and being answered: look again after it
+            return
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
@@ -143,9 +148,14 @@ class EdgeProtocol(HttpToolsProtocol):
         self._answer(408, why.format(seconds=seconds))
 
     def _answer(self, status: int, message: str, retry_after: bool = False) -> None:
-        """Answer with `status` in the service's JSON shape and close the connection."""
+        """Answer with `status` in the service's JSON shape and close the connection. While an earlier
+        request's response is still being made (pipelining), nothing is written ahead of it: the connection
+        closes once that response is sent, the refused request unanswered."""
         self._answered = True
         self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body is False:
+            self.cycle.keep_alive = False
+            return
         path = self.url.split(b"?", 1)[0].decode("latin-1") if getattr(self, "url", None) else "/"
         body = json.dumps(errors.body(path, message)).encode()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]), b"content-type: application/json\r\n",

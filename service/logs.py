@@ -74,7 +74,8 @@ def log_request(context: dict, method: str, path: str, status: int, seconds: flo
         job = context.get("job")
         if job is not None and job.started:
             fields["queue_wait_ms"] = round(1000 * (job.started - job.enqueued), 3)
-    text = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+    # the path as the client sent it may hold anything (uvicorn decodes %0A): escaped, it cannot forge a line
+    text = " ".join(f"{key}={_escaped(value)}" for key, value in fields.items() if value is not None)
     access.info(text, extra=fields)
 
 
@@ -88,6 +89,10 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, _) -> None:
         pass
+
+
+def _escaped(value) -> str:
+    return value.encode("unicode_escape").decode("ascii").replace(" ", "\\x20") if isinstance(value, str) else str(value)
 
 
 def configure(level: str, form: str, role: str) -> None:

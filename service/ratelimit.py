@@ -19,6 +19,7 @@ from pathlib import Path
 
 from service.auth import DIGEST, KeyFileError
 
+LOCK_TIMEOUT_S = 0.05
 FIELD = re.compile(r"(rate|burst)=([0-9]+(?:\.[0-9]+)?)")
 
 
@@ -44,6 +45,8 @@ def load_limits(path: Path) -> dict[str, Limit]:
             fields[match.group(1)] = float(match.group(2))
         if "burst" in fields and "rate" not in fields:
             raise KeyFileError(f"{path}:{number}: burst= without rate=")
+        if fields.get("burst", 1.0) < 1:
+            raise KeyFileError(f"{path}:{number}: burst={fields['burst']:g}: at least 1 (a request takes a whole token)")
         if "rate" in fields:
             limits[parts[0]] = Limit(fields["rate"], fields.get("burst", max(1.0, fields["rate"])))
     return limits
@@ -67,7 +70,9 @@ class Buckets:
         if i is None:
             return 0.0
         limit = self.limits[name]
-        with self.lock:
+        if not self.lock.acquire(timeout=LOCK_TIMEOUT_S):  # a worker killed holding it: let requests through
+            return 0.0
+        try:
             now = time.monotonic()
             tokens = min(limit.burst, self.values[2 * i] + (now - self.values[2 * i + 1]) * limit.rate)
             self.values[2 * i + 1] = now
@@ -76,3 +81,5 @@ class Buckets:
                 return 0.0
             self.values[2 * i] = tokens
             return (1.0 - tokens) / limit.rate
+        finally:
+            self.lock.release()

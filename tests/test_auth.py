@@ -211,7 +211,8 @@ def test_a_limit_holds_across_workers(tmp_path):
     assert 4 <= ok <= 4 + math.ceil(elapsed) + 1, (ok, elapsed)
 
 
-@pytest.mark.parametrize("extra, message", [("rate=0", "rate=0"), ("speed=3", "speed=3"), ("burst=2", "burst= without")])
+@pytest.mark.parametrize("extra, message", [("rate=0", "rate=0"), ("speed=3", "speed=3"), ("burst=2", "burst= without"),
+                                            ("rate=1 burst=0.5", "burst=0.5: at least 1")])
 def test_a_bad_limit_is_named_by_its_line(tmp_path, extra, message):
     from service.auth import new_key
     from service.ratelimit import load_limits

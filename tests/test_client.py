@@ -88,15 +88,15 @@ def test_batch_from_the_files_equals_batch_from_the_service_and_resumes(models_d
         assert service_cli(["batch", str(remote), "--n", "150", "--model", "cgan", "--seed", "7", "--url",
                             service.url, "--api-key", key]) == 0
         assert service_cli(["batch", str(tmp_path / "refused"), "--n", "3", "--url", service.url]) == 2
-    files = sorted(p.name for p in local.iterdir())
-    assert len(files) == 150 and files == sorted(p.name for p in remote.iterdir())
+    files = sorted(p.name for p in local.glob('*.png'))
+    assert len(files) == 150 and files == sorted(p.name for p in remote.glob('*.png'))
     assert files[0].startswith("000000-") and all((local / f).read_bytes() == (remote / f).read_bytes() for f in files)
     # interrupted: chunk 1 (64-127) was being written, last file first, when it stopped; chunk 2 never began
     for name in files[64:100] + files[128:]:
         (local / name).unlink()
     assert service_cli(["batch", str(local), "--n", "150", "--model", "cgan", "--seed", "7",
                         "--models-dir", str(models_dir)]) == 0
-    assert sorted(p.name for p in local.iterdir()) == files
+    assert sorted(p.name for p in local.glob('*.png')) == files
     assert (local / files[100]).read_bytes() == (remote / files[100]).read_bytes()
 
 
@@ -149,3 +149,12 @@ def test_the_readme_client_and_batch_examples_run(models_dir, tmp_path):
             assert service_cli(["batch", *[str(tmp_path / flags[0]), *flags[1:]]]) == 0, flags
     assert len(list((tmp_path / "sevens").glob("*-7.png"))) == 70
     assert np.load(tmp_path / "digits.npz")["images"].shape == (70, 28, 28)
+
+
+def test_a_batch_resumed_with_other_settings_is_refused(models_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert service_cli(["batch", out, "--n", "10", "--model", "cgan", "--models-dir", str(models_dir)]) == 0
+    assert service_cli(["batch", out, "--n", "20", "--model", "cgan", "--seed", "3", "--models-dir",
+                        str(models_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run drawn with other settings" in err and "n 10 (now 20)" in err and "seed 0 (now 3)" in err

@@ -151,3 +151,40 @@ def test_a_request_answered_at_once_never_starts_a_listener():
         await asyncio.sleep(dispatch.WATCH_AFTER_S * 2)
         return watch.task
     assert asyncio.run(scenario()) is None
+
+
+def test_a_connection_answered_before_its_body_was_in_still_times_out(edge):
+    """A 405 answered before the body the headers promised; then the rest of the body: the connection must
+    still hold a timer (uvicorn's keep-alive timer was cancelled by those bytes) and close."""
+    port, _, _ = edge
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"PUT /models HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        time.sleep(0.3)
+        sock.sendall(b"67890")
+        started, received = time.monotonic(), b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+    assert received.startswith(b"HTTP/1.1 405 ") and time.monotonic() - started < 3.5
+
+
+def test_the_access_line_escapes_what_the_client_sent():
+    import logging
+
+    from service import logs
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logs.access.addHandler(handler)
+    level = logs.access.level
+    logs.access.setLevel(logging.INFO)
+    try:
+        logs.log_request({"request_id": "r1"}, "GET", "/sample\n2026 INFO forged", 200, 0.001, ("1.2.3.4", 5))
+    finally:
+        logs.access.removeHandler(handler)
+        logs.access.setLevel(level)
+    line = records[0].getMessage()
+    assert "\n" not in line and "path=/sample\\n2026\\x20INFO\\x20forged" in line
