@@ -4,8 +4,10 @@ service (`--url`) or straight from the ONNX files of a models folder, seeded and
 The images are drawn in chunks of CHUNK: chunk k asks for min(CHUNK, what is left) images with seed
 `--seed + k`, exactly as `/sample` or `/generate?digit=` would with that seed and n, so the same command
 gives the same images from the files as from a service serving them (the PNG bytes too). Image i is
-`OUT/<i:06d>.png`, or `<i:06d>-<digit>.png` for a conditional model. A chunk whose files all exist is
-skipped: an interrupted run, run again, continues. For `.npz`, each chunk is kept under `OUT.parts/` until
+`OUT/<i:06d>.png`, or `<i:06d>-<digit>.png` for a conditional model. Each chunk's files are written last
+first, so a chunk whose first file exists is whole and is skipped: an interrupted run, run again,
+continues. OUT/.batch.json records the settings that decide the images; the same OUT with other settings
+is refused rather than mixed. For `.npz`, each chunk is kept under `OUT.parts/` until
 all are drawn, then they are joined into OUT (images uint8 [n, 28, 28], `digits` for a conditional model,
 the model and version) in one rename.
 """
