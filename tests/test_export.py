@@ -206,7 +206,7 @@ def bundled_entries():
 def test_bundled_file_matches_its_manifest_entry(entry):
     path = BUNDLED / entry.file
     assert sha256_of(path) == entry.sha256
-    assert path.stat().st_size < 8 * 2**20
+    assert path.stat().st_size < 16 * 2**20  # what a clone carries per file; gan's dense layer of 512: 13.5 MB
     check_interface(path, entry.latent_dim, entry.num_classes)
     assert (BUNDLED / f"{entry.name}.png").exists() and (BUNDLED / f"{entry.name}-progress.gif").exists()
 
@@ -223,9 +223,10 @@ REACHED = {
     "cgan": {"conditional_accuracy": 0.995, "confidence_ratio": 1.0, "min_class_share": 0.08, "precision_ratio": 0.8},
     "cvae": {"conditional_accuracy": 0.98, "confidence_ratio": 0.9, "min_class_share": 0.08},
     "vae": {"confidence_ratio": 0.8, "min_class_share": 0.08},
-    "gan": {"recall_ratio": 0.8, "min_class_share": 0.08},
+    "gan": {"recall_ratio": 0.8, "min_class_share": 0.085, "precision_ratio": 0.9, "confidence_ratio": 0.88},
     "wgan": {"recall_ratio": 0.8, "min_class_share": 0.08},
 }
+REACHED_AT_MOST = {"gan": {"fid_ratio": 3.0}}  # figures where lower is better
 
 
 def test_every_bundled_model_is_trained_on_the_full_training_set():
@@ -239,6 +240,8 @@ def test_bundled_models_keep_the_quality_targets_they_reached(name):
     assert entry.dataset == "mnist" and entry.metrics["samples"] == 10_000
     for key, floor in REACHED[name].items():
         assert entry.metrics[key] >= floor, (name, key, entry.metrics[key])
+    for key, ceiling in REACHED_AT_MOST.get(name, {}).items():
+        assert entry.metrics[key] <= ceiling, (name, key, entry.metrics[key])
 
 
 def test_an_export_while_serving_never_breaks_a_request(tiny_runs, tmp_path, evaluator_dir, few_digits):

@@ -25,7 +25,11 @@ MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DA
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("vae", "vae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5")),
-    Recipe("gan", "gan", (*MNIST, "--epochs", "50", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5")),
+    # A dense layer of 512 before the generator's 7x7 projection and a third convolution in the discriminator
+    # (issue 30): at 5 epochs each on full MNIST the wider pair scored confidence 0.65x real against 0.44x
+    # and FID 24x the floor against 59x (runs side by side, exported/README.md: Tuning record).
+    Recipe("gan", "gan", (*MNIST, "--epochs", "40", "--ema-decay", "0.999", "--r1", "1", "--lr-decay-start", "0.5",
+                          "--set", "g_hidden=512", "--set", "d_layers=3")),
     # One critic step per generator step: the generator's steps are what wgan lacked (9,370 in the previous
     # 50-epoch recipe with 5 critic steps; 37,480 here at four fifths of its compute).
     Recipe("wgan", "wgan", (*MNIST, "--epochs", "40", "--n-critic", "1", "--ema-decay", "0.999",
