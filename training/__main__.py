@@ -249,7 +249,8 @@ def cmd_truncation(args: argparse.Namespace) -> None:
     from training import evaluate, evaluator, pictures
     from training.atomic import write_text_atomic
 
-    models = load_manifest(args.models_dir).models
+    manifest = load_manifest(args.models_dir)
+    models = [manifest.model(name) for name in manifest.names]  # the versions served unpinned
     names = {m.name for m in models}
     chosen = set(args.only or names)
     if chosen - names:
