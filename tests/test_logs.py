@@ -76,10 +76,13 @@ def test_text_logs_name_the_process_in_every_line(tmp_path, capfd):
     saved = list(root.handlers), root.level
     try:
         logs.configure("info", "text", "worker-3")
-        assert all(h in root.handlers for h in saved[0])  # a test runner's handlers stay
+        assert all(h in root.handlers for h in saved[0] if not isinstance(h, logs._Stderr))  # a test runner's stay
         logging.getLogger("digitgen.test").info("hello")
     finally:
         for handler in [h for h in root.handlers if h not in saved[0]]:
             root.removeHandler(handler)
+        for handler in saved[0]:
+            if handler not in root.handlers:
+                root.addHandler(handler)
         root.setLevel(saved[1])
     assert f"worker-3[{os.getpid()}] digitgen.test: hello" in capfd.readouterr().err
