@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, MutableMapping
 
 from fastapi import Request
 
 from service import logs
 from service.config import Settings
 from service.errors import ApiError
+from service.http_protocol import GONE, ON_DISCONNECT
 from service.modelset import ModelSet
 from service.runtime.batcher import BatcherClosed, InferenceFailed, QueueFull, RequestTimeout
 from service.runtime.model import ModelRuntime
 from service.runtime.model_queue import RETRY_AFTER_S, Inputs
-
-WATCH_AFTER_S = 0.05  # a request still waiting this long listens for its client leaving
 
 
 def model_set(request: Request) -> ModelSet:
@@ -58,12 +57,12 @@ def model_for(models: ModelSet, name: str | None, endpoint: str, version: str | 
 
 
 async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, finish: Callable[[Any], Any],
-              timeout_s: float, raw: bool = False, receive: Callable[[], Awaitable[Any]] | None = None) -> Any:
+              timeout_s: float, raw: bool = False, scope: MutableMapping[str, Any] | None = None) -> Any:
     """Queue the job on the model's queue (from `models`, the set the model came from) and await what
     `finish` made of its output (a response; a message for gRPC). Cancelled, the future is cancelled with
-    it and the job is dropped before it runs. `receive` (HTTP): a request still waiting after WATCH_AFTER_S
-    listens for its client leaving, and then is dropped the same way (uvicorn never cancels the handler of a
-    client that left: its queued work would run, and be encoded, for nobody)."""
+    it and the job is dropped before it runs. `scope` (HTTP): when the service's protocol reports the client
+    gone, the future is cancelled the same way (uvicorn never cancels the handler of a client that left: its
+    queued work would run, and be encoded, for nobody); no timer and no task per request."""
     context = logs.request_context.get()
     if context is not None:
         context["model"], context["version"] = model.name, model.entry.version
@@ -71,11 +70,13 @@ async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, 
         future = models.queues[model.key].submit(size, inputs, finish, raw, timeout_s, context)
     except (QueueFull, BatcherClosed) as full:
         raise ApiError(503, f"{full}; retry shortly", {"Retry-After": RETRY_AFTER_S}) from None
-    watch = _Watch(future, receive) if receive is not None else None
+    gone = scope.get(ON_DISCONNECT) if scope is not None else None  # service/http_protocol.py: called
+    if gone is not None:                                             # when the client's connection is lost
+        gone.append(future.cancel)
     try:
         return await future
     except asyncio.CancelledError:
-        if watch is not None and watch.gone:
+        if gone is not None and scope is not None and scope.get(GONE):
             raise ApiError(499, "the client closed the connection") from None
         raise
     except RequestTimeout as err:
@@ -83,37 +84,5 @@ async def run(models: ModelSet, model: ModelRuntime, size: int, inputs: Inputs, 
     except InferenceFailed as err:  # logged where it happened
         raise ApiError(500, str(err)) from None
     finally:
-        if watch is not None:
-            watch.stop()
-
-
-class _Watch:
-    """After WATCH_AFTER_S, a task reading the request's ASGI messages until the client leaves (then the
-    request's future is cancelled); nothing at all for the requests answered before."""
-
-    def __init__(self, future: asyncio.Future, receive: Callable[[], Awaitable[Any]]):
-        self.future, self.receive, self.gone = future, receive, False
-        self.task: asyncio.Task | None = None
-        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
-
-    def _start(self) -> None:
-        if not self.future.done():
-            self.task = asyncio.ensure_future(self._listen())
-
-    async def _listen(self) -> None:
-        """Only for a request whose body the route has read already (or that has none): the messages read
-        here are gone for the route."""
-        try:
-            while not self.future.done():
-                if (await self.receive())["type"] == "http.disconnect":
-                    self.gone = True
-                    self.future.cancel()
-                    return
-        except Exception:  # the server's receive failed: nothing to watch; the request goes on as it would
-            return
-
-    def stop(self) -> None:
-        self.timer.cancel()
-        if self.task is not None:
-            self.task.cancel()
-
+        if gone is not None and future.cancel in gone:
+            gone.remove(future.cancel)

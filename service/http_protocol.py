@@ -45,6 +45,10 @@ class Bounds:
     max_connections: int
 
 
+ON_DISCONNECT = "digitgen.on_disconnect"  # in a request's scope: callables run if its client goes
+GONE = "digitgen.gone"  # in a request's scope: True once its client went
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request already answered."""
 
@@ -65,7 +69,12 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        cycle = self.cycle
         super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:  # the client left before its answer
+            cycle.scope[GONE] = True  # type: ignore[literal-required]
+            for call in cycle.scope.get(ON_DISCONNECT, ()):  # type: ignore[attr-defined]
+                call()
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, but what cannot be parsed is answered in the service's shape, at debug level: a client
@@ -107,6 +116,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self.scope[ON_DISCONNECT] = []  # type: ignore[literal-required]
         super().on_headers_complete()
         self._arm(self.bounds.body_timeout_s, BODY)  # disarmed once the body is in
 

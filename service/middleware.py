@@ -33,9 +33,10 @@ class RequestMetrics:
         head = method == "HEAD"
         if head:
             scope = dict(scope, method="GET")
-        context = {"request_id": logs.request_id(scope["headers"])}
-        token = logs.request_context.set(context)
-        request_header = (b"x-request-id", context["request_id"].encode())
+        request_id = logs.request_id(scope["headers"])
+        request_header = (b"x-request-id", request_id.encode())
+        context = {"request_id": request_id} if self.access_log else None  # what the access line gathers
+        token = logs.request_context.set(context) if context is not None else None
 
         async def send_status(message):
             nonlocal status
@@ -52,12 +53,13 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            logs.request_context.reset(token)
+            if token is not None:
+                logs.request_context.reset(token)
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             seconds = time.perf_counter() - started
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(seconds)
-            if self.access_log:
+            if context is not None:
                 logs.log_request(context, method, scope["path"], status, seconds, scope.get("client"))
 
 

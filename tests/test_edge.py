@@ -4,7 +4,6 @@ leave: no 500, no log line, no work done for them."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -15,8 +14,6 @@ import urllib.request
 import pytest
 from conftest import free_port, wait_until
 from onnx_fixtures import write_models_dir
-
-from service import dispatch
 
 
 def exchange(port: int, request: bytes, wait_s: float = 5.0) -> tuple[bytes, float]:
@@ -127,30 +124,23 @@ def test_aborted_uploads_are_counted_499_and_never_logged(edge):
     assert "Traceback" not in log.read_text() and "ClientDisconnect" not in log.read_text()
 
 
-def test_a_queued_request_whose_client_left_is_dropped_before_it_runs():
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        messages = asyncio.Queue()
-        messages.put_nowait({"type": "http.request", "body": b"", "more_body": False})
-        watch = dispatch._Watch(future, messages.get)
-        await asyncio.sleep(dispatch.WATCH_AFTER_S * 2)  # still waiting: it listens now
-        assert watch.task is not None and not future.done()
-        messages.put_nowait({"type": "http.disconnect"})
-        await asyncio.sleep(0.01)
-        return future.cancelled(), watch.gone
-    assert asyncio.run(scenario()) == (True, True)
-
-
-def test_a_request_answered_at_once_never_starts_a_listener():
-    async def scenario():
-        future = asyncio.get_running_loop().create_future()
-        watch = dispatch._Watch(future, asyncio.Queue().get)
-        future.set_result("answer")
-        watch.stop()
-        await asyncio.sleep(dispatch.WATCH_AFTER_S * 2)
-        return watch.task
-    assert asyncio.run(scenario()) is None
+def test_a_queued_request_whose_client_left_is_dropped_before_it_runs(tmp_path):
+    """Batches wait a second to fill (DIGITGEN_BATCH_MAX_WAIT_MS): a client that asks and leaves within it
+    is counted 499 and its job never runs (no batch reaches the model)."""
+    from conftest import running_service
+    write_models_dir(tmp_path)
+    with running_service(tmp_path, batch_max_wait_ms="1000") as service:
+        port = int(service.url.rsplit(":", 1)[1])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"GET /generate?digit=3&model=cgan&n=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+                time.sleep(0.2)
+        time.sleep(1.5)
+        metrics = urllib.request.urlopen(service.url + "/metrics", timeout=5).read().decode()
+    assert 'digitgen_requests_total{endpoint="/generate",status="499"} 3.0' in metrics, metrics[:2000]
+    import re
+    batches = re.findall(r'digitgen_inference_batch_size_count\{model="cgan",version="\w+"\} (\S+)', metrics)
+    assert batches in ([], ["0.0"]), batches  # no batch of cgan ever ran
 
 
 def test_a_connection_answered_before_its_body_was_in_still_times_out(edge):

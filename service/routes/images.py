@@ -131,7 +131,7 @@ async def answer(request: Request, q, endpoint: str, job: Callable[[ModelRuntime
     size, nrow, inputs, info = job(model, q, seeded.seed)
     finish = partial(render, fmt=q.format, nrow=nrow, scale=q.scale, info=info, image_shape=model.entry.image_shape)
     response = await dispatch.run(models, model, size, inputs, finish, dispatch.settings(request).request_timeout_s,
-                                  receive=request.receive)
+                                  scope=request.scope)
     response.headers.update(seeded.headers)
     ignored = type(q).ignored(request.query_params)
     if ignored:

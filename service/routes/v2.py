@@ -51,7 +51,7 @@ async def infer(request: Request, name: str, version: str | None = None):
     finish = partial(wire.infer_response, model=model.name, version=model.entry.version, request_id=request_id,
                      binary=binary_out)
     return await dispatch.run(models, model, len(z), lambda: (z, y), finish, dispatch.settings(request).request_timeout_s,
-                              raw=True, receive=request.receive)
+                              raw=True, scope=request.scope)
 
 
 def _latest(handler):
