@@ -44,18 +44,22 @@ COMMANDS = ("triton-repository", "keygen", "prune", "batch")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["triton-repository"]:
-        return triton_repository(argv[1:])
-    if argv[:1] == ["keygen"]:
-        return keygen(argv[1:])
-    if argv[:1] == ["prune"]:
-        return prune_command(argv[1:])
-    if argv[:1] == ["batch"]:
-        return batch_command(argv[1:])
+    commands = {"triton-repository": triton_repository, "keygen": keygen, "prune": prune_command,
+                "batch": batch_command}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     if argv and not argv[0].startswith("-"):  # serving takes flags only: a word first is a mistyped command
         close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
         return _error(f"error: unknown command {argv[0]!r}{f' (did you mean {close[0]}?)' if close else ''}; the "
                       f"commands are {', '.join(COMMANDS)}; to serve, give flags only (python -m service --help)")
+    args = serve_parser().parse_args(argv)
+    flags = {flag: getattr(args, flag) for flag in ("host", "models_dir", "providers", "log_level", "workers",
+                                                    "grpc_port") if getattr(args, flag) is not None}
+    settings = checked_settings(flags)
+    return settings if isinstance(settings, int) else serve(settings, args.port)
+
+
+def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"digit-gen {VERSION}")
@@ -69,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="DIGITGEN_LOG_LEVEL")
     parser.add_argument("--grpc-port", type=port_number, help="serve the Open Inference Protocol over gRPC on this "
                                                               "port too (DIGITGEN_GRPC_PORT; default: off)")
-    args = parser.parse_args(argv)
-    flags = {flag: getattr(args, flag) for flag in ("host", "models_dir", "providers", "log_level", "workers",
-                                                    "grpc_port") if getattr(args, flag) is not None}
+    return parser
+
+
+def checked_settings(flags: dict) -> Settings | int:
+    """The settings, the manifest and the keys file checked before anything starts; the exit status (2,
+    with one `error:` line naming the flag, variable or file) when one is wrong."""
     try:
         settings = Settings(**flags)
         load_manifest(settings.models_dir)  # fail here, with the field named, not inside a worker
@@ -86,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
                       f'["http://localhost:3000"]')
     except (ManifestError, KeyFileError) as err:
         return _error(f"error: {err}")
+    return settings
+
+
+def serve(settings: Settings, port: int) -> int:
+    """Serve until SIGINT/SIGTERM: the plan, the inference process when there is one, the workers."""
     logs.configure(settings.log_level, settings.log_format, "supervisor")
     plan = make_plan(settings)
     if plan.workers == 1:  # served in this process
         logs.configure(settings.log_level, settings.log_format, "worker-0")
-    options = {"host": settings.host, "port": args.port, "log_level": settings.log_level,
+    options = {"host": settings.host, "port": port, "log_level": settings.log_level,
                "access_log": False,  # the service's own access log replaces uvicorn's (service/logs.py)
                "log_config": None, "log_format": settings.log_format,
                "bounds": Bounds(settings.max_request_line_bytes, settings.max_header_bytes, settings.header_timeout_s,
@@ -106,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 host = f"[{settings.host}]" if ":" in settings.host else settings.host
                 logging.getLogger("digitgen").info(
                     "digit-gen %s on http://%s:%d with %d worker(s)%s; reload the models: kill -HUP %d", VERSION,
-                    host, args.port, plan.workers, f" and the inference process ({plan.device_providers[0]})"
+                    host, port, plan.workers, f" and the inference process ({plan.device_providers[0]})"
                     if plan.inference_process else "", os.getpid())
                 buckets = Buckets(load_limits(settings.api_keys_file)) if settings.api_keys_file else None
                 return workers.run(partial(create_app, settings, plan, buckets=buckets), options, plan.workers,
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"error: the inference process (DIGITGEN_INFERENCE_PROCESS={settings.inference_process}): "
                           f"{err}; see its log above, or try DIGITGEN_INFERENCE_PROCESS=off")
         except OSError as err:
-            return _error(f"error: --host {settings.host} --port {args.port}: {err.strerror or err}")
+            return _error(f"error: --host {settings.host} --port {port}: {err.strerror or err}")
 
 
 def port_number(text: str) -> int:
