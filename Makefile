@@ -38,8 +38,9 @@ test: $(TRAINED)
 	$(BIN)/python -m pytest
 
 # Build the Dockerfile's images with podman and check the CPU image running (root, podman, debootstrap, the
-# network to Debian and PyPI; `tests/image/image_test.sh --preflight` says what is missing). Minutes, not seconds.
-image-test:
+# network to Debian and PyPI, haproxy for the two-replica run; `tests/image/image_test.sh --preflight` says what
+# is missing). Minutes, not seconds.
+image-test: $(TRAINED)
 	tests/image/image_test.sh
 
 # The deeper fuzzing run, outside `make test`: every operation, the bundled models, 400 examples each.

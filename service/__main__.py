@@ -3,6 +3,7 @@
 `python -m service triton-repository OUT [--gpu]`: write the models as a Triton model repository.
 `python -m service keygen NAME`: a new API key and its line for DIGITGEN_API_KEYS_FILE.
 `python -m service prune [--models-dir] [--dry-run]`: remove the model files the manifest no longer lists.
+`python -m service copy-models DEST [--models-dir] [--if-empty]`: copy a model set into a served folder, manifest last.
 `python -m service batch OUT --n N [--model] [--digit] [--url | --models-dir]`: a folder of PNGs (or an .npz).
 
 Flags override DIGITGEN_* environment variables; the settings and the plan reach the workers as values.
@@ -39,13 +40,13 @@ from service.manifest import ManifestError, load_manifest  # noqa: E402
 from service.plan import make_plan  # noqa: E402
 from service.ratelimit import Buckets, load_limits  # noqa: E402
 
-COMMANDS = ("triton-repository", "keygen", "prune", "batch")
+COMMANDS = ("triton-repository", "keygen", "prune", "copy-models", "batch")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"triton-repository": triton_repository, "keygen": keygen, "prune": prune_command,
-                "batch": batch_command}
+                "copy-models": copy_models_command, "batch": batch_command}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     if argv and not argv[0].startswith("-"):  # serving takes flags only: a word first is a mistyped command
@@ -227,18 +228,33 @@ def prune_command(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     args = parser.parse_args(argv)
     try:
-        settings = Settings(**({"models_dir": args.models_dir} if args.models_dir else {}), providers="cpu")
-        removed, size = prune(Path(settings.models_dir), args.dry_run)
-    except ValidationError as err:
-        return _error(f"error: {err.errors()[0]['msg']}")
-    except ManifestError as err:
-        return _error(f"error: {err}; nothing removed")
-    except OSError as err:
-        return _error(f"error: {err.filename or args.models_dir}: {err.strerror or err}")
+        removed, size = prune(Path(_models_settings(args.models_dir).models_dir), args.dry_run)
+    except (ValidationError, ManifestError, OSError) as err:
+        return _models_command_error(err, "nothing removed", args.models_dir)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:
         print(f"{verb} {path}")
     print(f"{verb} {len(removed)} unlisted file(s), {size / 2**20:.1f} MiB")
+    return 0
+
+
+def copy_models_command(argv: list[str]) -> int:
+    from service.copy_models import copy_models
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service copy-models",
+        description="Copy the model set of --models-dir into DEST, a folder services read (a shared volume): "
+                    "every file checked against the manifest, each renamed into place, the manifest last. "
+                    "Then send each service a SIGHUP to serve it.")
+    parser.add_argument("dest", type=Path, metavar="DEST", help="the folder to publish into (created when missing)")
+    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
+    parser.add_argument("--if-empty", action="store_true", help="do nothing when DEST has a manifest already")
+    args = parser.parse_args(argv)
+    try:
+        copied = copy_models(Path(_models_settings(args.models_dir).models_dir), args.dest, args.if_empty)
+    except (ValidationError, ManifestError, OSError) as err:
+        return _models_command_error(err, "nothing published", args.dest)
+    print(f"{args.dest}: {len(copied)} file(s) copied, manifest {'kept' if args.if_empty and not copied else 'written'}")
     return 0
 
 
@@ -255,17 +271,30 @@ def triton_repository(argv: list[str]) -> int:
     parser.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU (default KIND_CPU)")
     args = parser.parse_args(argv)
     try:
-        settings = Settings(**({"models_dir": args.models_dir} if args.models_dir else {}), providers="cpu")
+        settings = _models_settings(args.models_dir)
         names = write_repository(settings.models_dir, args.out, settings.batch_max_size, args.gpu)
-    except ValidationError as err:
-        return _error(f"error: {err.errors()[0]['msg']}")
-    except (ManifestError, RepositoryError) as err:
+    except RepositoryError as err:
         return _error(f"error: {err}")
-    except OSError as err:
-        return _error(f"error: {args.out}: {err.strerror or err}")
+    except (ValidationError, ManifestError, OSError) as err:
+        return _models_command_error(err, "", args.out)
     print(f"wrote {', '.join(names)} into {args.out} (max_batch_size {settings.batch_max_size}, "
           f"{'KIND_GPU' if args.gpu else 'KIND_CPU'})")
     return 0
+
+
+def _models_settings(models_dir: Path | None) -> Settings:
+    """The settings of a command that reads a models folder (--models-dir, else DIGITGEN_MODELS_DIR)."""
+    overrides: dict[str, Any] = {"models_dir": models_dir} if models_dir else {}
+    return Settings(**overrides, providers="cpu")
+
+
+def _models_command_error(err: Exception, consequence: str, path: Path | None) -> int:
+    """A models command's failure: a setting refused, a manifest at fault (and `consequence`), or a file."""
+    if isinstance(err, ValidationError):
+        return _error(f"error: {err.errors()[0]['msg']}")
+    if isinstance(err, OSError):
+        return _error(f"error: {err.filename or path}: {err.strerror or err}")
+    return _error(f"error: {err}{f'; {consequence}' if consequence else ''}")
 
 
 def _setting_error(problem: Mapping[str, Any], flags: dict) -> str:

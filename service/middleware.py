@@ -14,6 +14,7 @@ from service import errors, logs
 from service.metrics import Metrics
 
 log = logging.getLogger("digitgen.http")
+NOT_IN_FLIGHT = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})  # probes, scrapes
 
 
 class RequestMetrics:
@@ -50,9 +51,14 @@ class RequestMetrics:
                 message = dict(message, body=b"")
             await send(message)
 
+        counted = scope["path"] not in NOT_IN_FLIGHT
+        if counted:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
+            if counted:
+                self.metrics.in_flight.dec()
             if token is not None:
                 logs.request_context.reset(token)
             endpoint = getattr(scope.get("route"), "path", "unmatched")

@@ -316,6 +316,40 @@ def test_prune_removes_only_the_files_no_manifest_entry_lists(tmp_path, capsys):
     assert "nothing removed" in capsys.readouterr().err
 
 
+def test_copy_models_publishes_checked_files_first_and_the_manifest_last(tmp_path, capsys, monkeypatch):
+    """A reader of DEST sees the old set or the new one: every file is renamed into place before the
+    manifest; a source file that is not the one its manifest lists publishes nothing."""
+    from service import copy_models as module
+    from service.__main__ import main as service_cli
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    write_models_dir(source)
+    add_gan_version(source)
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(module.os, "replace", lambda a, b: (renamed.append(Path(b).name), real_replace(a, b)))
+    assert service_cli(["copy-models", str(dest), "--models-dir", str(source)]) == 0
+    listed = {entry.file for entry in load_manifest(source).models}
+    assert renamed[-1] == "manifest.json" and len(renamed) == len(listed) + 1
+    assert (dest / "manifest.json").read_bytes() == (source / "manifest.json").read_bytes()
+    for name in listed:
+        assert (dest / name).read_bytes() == (source / name).read_bytes()
+    assert not [p for p in dest.rglob("*") if "incoming" in p.name]
+    assert f"{len(listed)} file(s) copied" in capsys.readouterr().out
+    renamed.clear()
+    assert service_cli(["copy-models", str(dest), "--models-dir", str(source), "--if-empty"]) == 0
+    assert renamed == [] and "manifest kept" in capsys.readouterr().out
+    assert service_cli(["copy-models", str(dest), "--models-dir", str(source)]) == 0
+    assert renamed == ["manifest.json"]  # the files there already hold the listed bytes
+    capsys.readouterr()
+
+    fresh = tmp_path / "fresh"
+    (source / next(iter(listed))).write_bytes(b"replaced after export")
+    assert service_cli(["copy-models", str(fresh), "--models-dir", str(source)]) == 2
+    assert "not the file the manifest lists" in capsys.readouterr().err and not fresh.exists()
+    assert service_cli(["copy-models", str(fresh), "--models-dir", str(tmp_path / "none")]) == 2
+    assert "none/manifest.json: cannot read the manifest" in capsys.readouterr().err
+
+
 def test_the_checked_copies_are_what_workers_open_and_only_two_generations_are_kept(tmp_path):
     write_models_dir(tmp_path)
     life = lifecycle_over(tmp_path, tmp_path / "cache")

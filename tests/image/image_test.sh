@@ -3,7 +3,8 @@
 #
 # python:3.12-slim and nvidia/cuda cannot be pulled here (no image registry), so both bases are stand-ins made
 # from Debian packages (debootstrap + podman import), cached as podman images keyed on their recipe. Needs
-# root, podman (runc or crun), debootstrap, curl, python3, and the network to Debian's mirror and PyPI.
+# root, podman (runc or crun), debootstrap, curl, python3, haproxy, the project's .venv (make image-test makes
+# it), and the network to Debian's mirror and PyPI.
 #   tests/image/image_test.sh --preflight    exit 1 with the reason when this machine cannot run it
 # Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian), IMAGE_TEST_MAX_MB (default below).
 set -euo pipefail
@@ -28,7 +29,7 @@ since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1
 preflight() {
     [ "$(id -u)" = 0 ] || { echo "needs root (debootstrap; podman's --cpus on cgroup v1)"; return 1; }
     local tool
-    for tool in podman debootstrap curl python3; do
+    for tool in podman debootstrap curl python3 haproxy; do
         command -v "$tool" >/dev/null || { echo "$tool is not installed"; return 1; }
     done
     command -v runc >/dev/null || command -v crun >/dev/null || { echo "neither runc nor crun is installed"; return 1; }
@@ -231,6 +232,13 @@ check "the app user's home is writable" \
 # ONNX Runtime's own lines start [W:onnxruntime... or [E:onnxruntime...
 quiet_startup() { ! podman logs "$one_cpu" 2>&1 | grep -i -E 'warn|error|\[[WE]:'; }
 check "no warning or error at startup" quiet_startup
+
+# Two replicas as deploy/k8s/cpu-models-volume runs them, behind HAProxy: a new set published and reloaded
+# under load (tests/image/two_replicas.py; the project's virtual environment: it renders the overlay).
+t=$(now)
+check "two replicas behind haproxy serve a newly published set after a SIGHUP each, no request failed" \
+    "${IMAGE_TEST_PYTHON:-.venv/bin/python}" tests/image/two_replicas.py "$CPU_TAG"
+echo "image-test: the two-replica run took $(since "$t")"
 
 if [ "$failures" != 0 ]; then
     show_logs "$one_cpu"
