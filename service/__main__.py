@@ -251,10 +251,10 @@ def copy_models_command(argv: list[str]) -> int:
     parser.add_argument("--if-empty", action="store_true", help="do nothing when DEST has a manifest already")
     args = parser.parse_args(argv)
     try:
-        copied = copy_models(Path(_models_settings(args.models_dir).models_dir), args.dest, args.if_empty)
+        copied, written = copy_models(Path(_models_settings(args.models_dir).models_dir), args.dest, args.if_empty)
     except (ValidationError, ManifestError, OSError) as err:
-        return _models_command_error(err, "nothing published", args.dest)
-    print(f"{args.dest}: {len(copied)} file(s) copied, manifest {'kept' if args.if_empty and not copied else 'written'}")
+        return _models_command_error(err, "the manifest in DEST is unchanged", args.dest)
+    print(f"{args.dest}: {len(copied)} file(s) copied, manifest {'written' if written else 'kept: DEST had one'}")
     return 0
 
 

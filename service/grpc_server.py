@@ -33,7 +33,7 @@ log = logging.getLogger("digitgen.grpc")
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
          500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
-OPEN = {"ServerLive", "ServerReady"}  # like /v2/health/*: no key needed
+OPEN = {"ServerLive", "ServerReady"}  # like /v2/health/*: no key needed, not counted in flight
 
 
 class Servicer:
@@ -87,9 +87,12 @@ def _handler(servicer: Servicer, name: str) -> grpc.RpcMethodHandler:
     call = getattr(servicer, name)
     endpoint = f"/{SERVICE}/{name}"
     requests, latency = servicer.metrics.requests, servicer.metrics.latency.labels(endpoint)
+    in_flight = None if name in OPEN else servicer.metrics.in_flight  # as over HTTP: the health probes are not load
 
     async def handle(request, context: aio.ServicerContext):
         started, code = time.perf_counter(), grpc.StatusCode.OK
+        if in_flight is not None:
+            in_flight.inc()
         try:
             if servicer.keys is not None and name not in OPEN:
                 _authorize(dict(context.invocation_metadata()), servicer)
@@ -105,6 +108,8 @@ def _handler(servicer: Servicer, name: str) -> grpc.RpcMethodHandler:
             log.exception("%s failed", endpoint)
             await context.abort(code, f"internal error: {type(err).__name__}")
         finally:
+            if in_flight is not None:
+                in_flight.dec()
             requests.labels(endpoint, code.name).inc()
             latency.observe(time.perf_counter() - started)
     return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=request_type.FromString,

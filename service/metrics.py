@@ -39,8 +39,8 @@ class Metrics:
                                      "rate limit, by key name", ["key"], registry=self.registry)
         # what a HorizontalPodAutoscaler reads (deploy/k8s/prometheus-adapter): requests a pod holds, the
         # probes and scrapes left out, so an idle pod reads 0
-        self.in_flight = Gauge("digitgen_in_flight_requests", "HTTP requests being served (the probes and "
-                               "/metrics aside), all workers", registry=self.registry, multiprocess_mode="livesum")
+        self.in_flight = Gauge("digitgen_in_flight_requests", "requests being served, HTTP and gRPC (the probes "
+                               "and /metrics aside), all workers", registry=self.registry, multiprocess_mode="livesum")
         self.queued = Gauge("digitgen_queued_requests", "requests waiting for a batch, by model and version",
                             ["model", "version"], registry=self.registry, multiprocess_mode="livesum")
         # Each worker scores its own share of what it served: the scrape shows the lowest live worker's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -71,7 +72,10 @@ def test_each_overlay_renders_what_a_deployment_needs(name):
     objects = overlay(name)
     kinds = {kind for kind, _ in objects}
     assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
-    assert server(pod_spec(name))["image"] == ("digit-gen:cuda" if name == "gpu" else "digit-gen:latest")
+    spec = pod_spec(name)
+    image = "digit-gen:cuda" if name == "gpu" else "digit-gen:latest"
+    assert [c["image"] for c in spec["containers"] + spec.get("initContainers", [])] == \
+        [image] * (len(spec["containers"]) + len(spec.get("initContainers", [])))  # the init container's too
 
 
 def kubectl_kustomize() -> str | None:
@@ -166,14 +170,37 @@ def adapter_rule() -> dict:
     return rule
 
 
-def test_every_autoscaler_reads_the_metric_the_adapter_serves():
+def not_load() -> re.Pattern:
+    """The endpoints the adapter's rule leaves out of the load (its `endpoint!~` regex, anchored as PromQL's)."""
+    return re.compile(re.search(r'endpoint!~"([^"]+)"', adapter_rule()["metricsQuery"]).group(1))
+
+
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": "8000", "prometheus.io/path": "/metrics"}
+
+
+def test_every_autoscaler_reads_the_metric_the_adapter_serves_from_pods_prometheus_scrapes():
     rule = adapter_rule()
+    scaled = {"digit-gen": overlay("cpu")[("Deployment", "digit-gen")]["spec"]["template"]["metadata"]["annotations"]}
+    for isvc in (o for o in kserve() if o["kind"] == "InferenceService" and "containers" in o["spec"]["predictor"]):
+        scaled[f"{isvc['metadata']['name']}-predictor"] = isvc["spec"]["predictor"]["annotations"]
     autoscalers = [o for o in [*overlay("cpu").values(), *kserve()] if o["kind"] == "HorizontalPodAutoscaler"]
     assert len(autoscalers) == 2
     for hpa in autoscalers:
         (metric,) = hpa["spec"]["metrics"]
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == rule["name"]["as"]
-    assert overlay("cpu")[("HorizontalPodAutoscaler", "digit-gen")]["spec"]["scaleTargetRef"]["name"] == "digit-gen"
+        assert scaled[hpa["spec"]["scaleTargetRef"]["name"]] | SCRAPE == scaled[hpa["spec"]["scaleTargetRef"]["name"]]
+
+
+def test_the_rule_leaves_out_every_probe_and_the_scrape_and_nothing_else():
+    containers = [server(pod_spec(n)) for n in OVERLAYS] + \
+                 [o["spec"]["predictor"]["containers"][0] for o in kserve() if o["metadata"]["name"] == "digit-gen"]
+    probed = {probe["path"] for c in containers for probe in probes(c).values()}
+    grpc_health = {f"/inference.GRPCInferenceService/{name}" for name in ("ServerLive", "ServerReady")}
+    for endpoint in probed | grpc_health | {SCRAPE["prometheus.io/path"]}:
+        assert not_load().fullmatch(endpoint), endpoint
+    for endpoint in ("/generate", "/sample", "/interpolate", "/v2/models/{name}/infer", "/models",
+                     "/inference.GRPCInferenceService/ModelInfer"):
+        assert not not_load().fullmatch(endpoint), endpoint
 
 
 @pytest.mark.parametrize("stage, name", [("cpu", "cpu"), ("cuda", "gpu")])
@@ -269,37 +296,52 @@ def series(scrape: str, name: str) -> list[float]:
     return [float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines() if re.match(rf"{name}(\{{| )", line)]
 
 
-def test_the_adapters_series_are_in_the_scrape_and_count_requests_in_flight(served_as_deployed):
-    """The rule's series exist under their names, the in-flight gauge reads 0 when idle (probes and
-    scrapes are not counted) and more while requests are served; one process series per worker."""
+def in_flight_under(running, send) -> float:
+    """The most digitgen_in_flight_requests read while four clients call send() without pause."""
     import threading
-    running, _ = served_as_deployed
-    rule = adapter_rule()
-    gauge = re.search(r"\A(\w+)\{", rule["seriesQuery"]).group(1)
-    workers = re.search(r"count\((\w+)\{", rule["metricsQuery"]).group(1)
-    scrape = get(running.url + "/metrics")[1].decode()
-    assert series(scrape, gauge) == [0.0]
-    assert len(series(scrape, workers)) == 2  # two workers, two series
-    seen = []
+    seen = [0.0]
     stop = threading.Event()
 
     def load():
         while not stop.is_set():
-            get(running.url + "/sample?n=64&scale=4")
+            send()
 
     clients = [threading.Thread(target=load) for _ in range(4)]
     for client in clients:
         client.start()
     try:
-        for _ in range(100):
-            seen += series(get(running.url + "/metrics")[1].decode(), gauge)
+        for _ in range(200):
+            seen += series(get(running.url + "/metrics")[1].decode(), "digitgen_in_flight_requests")
             if max(seen) > 0:
                 break
     finally:
         stop.set()
         for client in clients:
             client.join()
-    assert max(seen) > 0
+    return max(seen)
+
+
+def test_the_adapters_series_are_in_the_scrape_and_requests_count_in_flight(served_as_deployed):
+    """The rule's series exist under their names: the latency sum by endpoint (the load's and the probes'),
+    one process series per worker. The in-flight gauge, the same quantity read at an instant, is 0 when idle
+    (probes and scrapes are not counted) and more under load, over HTTP and over gRPC."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    running, grpc_port = served_as_deployed
+    rule = adapter_rule()
+    latency = re.search(r"\A(\w+)\{", rule["seriesQuery"]).group(1)
+    workers = re.search(r"count\((\w+)\{", rule["metricsQuery"]).group(1)
+    get(running.url + "/generate?digit=3")
+    scrape = get(running.url + "/metrics")[1].decode()
+    assert series(scrape, f'{latency}{{endpoint="/generate"}}') and series(scrape, f'{latency}{{endpoint="/readyz"}}')
+    assert len(series(scrape, workers)) == 2  # two workers, two series
+    assert series(scrape, "digitgen_in_flight_requests") == [0.0]
+    assert in_flight_under(running, lambda: get(running.url + "/sample?n=64&scale=4")) > 0
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    width = json.loads(get(running.url + "/models/gan")[1])["latent_dim"]
+    z = grpcclient.InferInput("z", [64, width], "FP32")
+    z.set_data_from_numpy(np.zeros((64, width), np.float32))
+    assert in_flight_under(running, lambda: client.infer("gan", [z])) > 0
 
 
 def test_the_init_container_seeds_an_empty_volume_that_the_service_then_serves(tmp_path):

@@ -345,7 +345,15 @@ def test_copy_models_publishes_checked_files_first_and_the_manifest_last(tmp_pat
     fresh = tmp_path / "fresh"
     (source / next(iter(listed))).write_bytes(b"replaced after export")
     assert service_cli(["copy-models", str(fresh), "--models-dir", str(source)]) == 2
-    assert "not the file the manifest lists" in capsys.readouterr().err and not fresh.exists()
+    assert "not the file the manifest lists" in capsys.readouterr().err
+    assert not (fresh / "manifest.json").exists() and not [p for p in fresh.rglob("*") if "incoming" in p.name]
+    versioned = next(name for name in listed if "/" in name)
+    (dest / versioned).write_bytes(b"other bytes under a version's name")
+    manifest_before = (dest / "manifest.json").stat().st_mtime_ns
+    (source / next(iter(listed))).write_bytes((dest / next(iter(listed))).read_bytes())
+    assert service_cli(["copy-models", str(dest), "--models-dir", str(source)]) == 2
+    assert "a version's file never changes" in capsys.readouterr().err
+    assert (dest / "manifest.json").stat().st_mtime_ns == manifest_before
     assert service_cli(["copy-models", str(fresh), "--models-dir", str(tmp_path / "none")]) == 2
     assert "none/manifest.json: cannot read the manifest" in capsys.readouterr().err
 

@@ -5,7 +5,9 @@ loads. The clients think between requests (exponential think time per connection
 the load is a fraction of the service's capacity measured first at concurrency 64, not a fixed concurrency
 (at a fixed concurrency the requests in flight are that concurrency by construction). At each load the
 service's /metrics is scraped five times a second, and the candidates are read as the HPA would:
-  in flight per worker   digitgen_in_flight_requests / workers (a gauge: the scrapes' mean)
+  in flight per worker   digitgen_in_flight_requests / workers (a gauge: the scrapes' mean), and as the
+                         prometheus-adapter rule computes it: digitgen_request_seconds_sum's growth per
+                         second over workers (Little's law; the probes and scrapes left out)
   queue wait             digitgen_queue_wait_seconds: its sum's growth over its count's in the window
   queued per worker      digitgen_queued_requests / workers (the batchers' queues)
   CPU                    digitgen_process_cpu_seconds of every worker, growth per second per worker
@@ -28,11 +30,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
 from serve_throughput import GENERATE, STATS_LUA, Server, ensure_wrk, start, stop, wrk
 
 WORKERS = 2
 CONNECTIONS = 256
 LOADS = (0.05, 0.15, 0.3, 0.5, 0.7, 0.85, 1.0, 1.3)  # offered, as fractions of the capacity at c=64
+ADAPTER_VALUES = Path(__file__).resolve().parents[2] / "deploy/k8s/prometheus-adapter/values.yaml"
+# the endpoints prometheus-adapter's rule leaves out, read from the rule itself
+PROBES = re.compile('endpoint="(' + re.search(r'endpoint!~"([^"]+)"', yaml.safe_load(ADAPTER_VALUES.read_text())[
+    "rules"]["custom"][0]["metricsQuery"]).group(1) + ')"')
 THINK_LUA = """
 think_ms = {think_ms}
 delay = function() return -math.log(1 - math.random()) * think_ms end
@@ -42,7 +49,8 @@ delay = function() return -math.log(1 - math.random()) * think_ms end
 def scrape(url: str) -> dict[str, float]:
     """The candidates' raw series from one scrape, summed over models, versions and workers."""
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-    totals = {"in_flight": 0.0, "queued": 0.0, "wait_sum": 0.0, "wait_count": 0.0, "cpu": 0.0, "workers": 0.0}
+    totals = {"in_flight": 0.0, "queued": 0.0, "wait_sum": 0.0, "wait_count": 0.0, "cpu": 0.0, "workers": 0.0,
+              "request_seconds": 0.0}
     for line in text.splitlines():
         if line.startswith("#"):
             continue
@@ -55,6 +63,8 @@ def scrape(url: str) -> dict[str, float]:
             totals[key] += value
         if name == "digitgen_process_cpu_seconds":
             totals["workers"] += 1
+        if name == "digitgen_request_seconds_sum" and not PROBES.search(line):
+            totals["request_seconds"] += value
     return totals
 
 
@@ -76,6 +86,8 @@ def measure(binary: str, server: Server, script: str, concurrency: int, seconds:
     served = last["wait_count"] - first["wait_count"]
     return {"rps": result["rps"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"], "errors": result["errors"],
             "in_flight_per_worker": statistics.fmean(s["in_flight"] for _, s in samples[1:]) / workers,
+            # what the adapter's rule computes: request-seconds accrued per second (Little's law)
+            "in_flight_from_latency": (last["request_seconds"] - first["request_seconds"]) / (t1 - t0) / workers,
             "queued_per_worker": statistics.fmean(s["queued"] for _, s in samples[1:]) / workers,
             "queue_wait_ms": 1000 * (last["wait_sum"] - first["wait_sum"]) / served if served else 0.0,
             "cpu_per_worker": (last["cpu"] - first["cpu"]) / (t1 - t0) / workers}
@@ -114,11 +126,12 @@ def main() -> None:
 
 
 def table(rows: list[dict], capacity: float) -> str:
-    lines = ["| offered (x capacity) | served req/s | p50 ms | p99 ms | in flight / worker | queued / worker | "
-             "queue wait ms | CPU / worker |", "|" + "---:|" * 8]
+    lines = ["| offered (x capacity) | served req/s | p50 ms | p99 ms | in flight / worker | (from latency) | "
+             "queued / worker | queue wait ms | CPU / worker |", "|" + "---:|" * 9]
     for r in rows:
         lines.append(f"| {r['offered']:.2f} | {r['rps']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['in_flight_per_worker']:.2f} | {r['queued_per_worker']:.2f} | {r['queue_wait_ms']:.2f} | "
+                     f"{r['in_flight_per_worker']:.2f} | {r['in_flight_from_latency']:.2f} | "
+                     f"{r['queued_per_worker']:.2f} | {r['queue_wait_ms']:.2f} | "
                      f"{r['cpu_per_worker']:.2f} |")
     return f"capacity at c=64: {capacity:.0f} req/s\n" + "\n".join(lines)
 

@@ -275,7 +275,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="uvicorn worker processes of every server "
                                                     "(default: the service's own default here)")
     parser.add_argument("--servers", default="baseline,ceiling,service,triton",
-                        help="of baseline, ceiling, service, triton (skipped with a line when not built)")
+                        help="of baseline, ceiling, service, service-granian (the service's app under granian: "
+                             "servers/granian_service.py), triton (skipped with a line when not built)")
     parser.add_argument("--variant", action="append", default=[], help="NAME:DIGITGEN_X=V,... another service")
     parser.add_argument("--ref", help="also serve the service as of this git commit (service@REF)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -292,7 +293,11 @@ def main() -> None:
     service = [sys.executable, "-m", "service"]
     known = {"baseline": Server("baseline", benchmark_app("baseline", args.workers)),
              "ceiling": Server("ceiling", benchmark_app("ceiling", args.workers)),
-             "service": Server("service", service, service_env, ready_path="/readyz")}
+             "service": Server("service", service, service_env, ready_path="/readyz"),
+             "service-granian": Server("service-granian", [sys.executable, str(SERVERS_DIR / "granian_service.py"),
+                                                           "--workers", str(args.workers)],
+                                       {k: v for k, v in service_env.items() if k != "DIGITGEN_GRPC_PORT"},
+                                       ready_path="/readyz")}
     servers = [known[name] for name in args.servers.split(",") if name != "triton"]
     workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     if "triton" in args.servers.split(",") and (triton := triton_server(workdir)):
@@ -398,6 +403,12 @@ def main() -> None:
         if "triton" in results:
             t = results["triton"]
             v1, v64, g64 = f"{V2_INFER} c1", f"{V2_INFER} c64", f"{GRPC_INFER} c64"
+            if "service-granian" in results:
+                g = results["service-granian"]
+                lines.append(f"under granian: V2 infer c64 {g[v64]['rps'] / t[v64]['rps']:.2f}x Triton's req/s "
+                             f"({g[v64]['rps'] / s[v64]['rps']:.2f}x uvicorn's), p50 c1 {g[v1]['p50_ms'] / t[v1]['p50_ms']:.2f}x "
+                             f"Triton's ({g[v1]['p50_ms'] / s[v1]['p50_ms']:.2f}x uvicorn's); /generate c64 "
+                             f"{g[c64]['rps'] / s[c64]['rps']:.2f}x uvicorn's req/s, p99 {g[c64]['p99_ms']:.1f} ms")
             lines.append(f"V2 infer c64 against Triton: {s[v64]['rps'] / t[v64]['rps']:.2f}x its req/s (target >= 1.0x); "
                          f"p99 {s[v64]['p99_ms']:.1f} ms against {t[v64]['p99_ms']:.1f} (target <= Triton's + 10)")
             lines.append(f"V2 infer c1: p50 {s[v1]['p50_ms']:.2f} ms against Triton's {t[v1]['p50_ms']:.2f} "

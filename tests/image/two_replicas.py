@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -108,7 +109,9 @@ def start_replicas(image: str, volume: Path, spec: dict, count: int) -> list[tup
         port, grpc_port = free_port(), free_port()
         settings = env | {"DIGITGEN_HOST": "127.0.0.1", "DIGITGEN_PORT": str(port), "DIGITGEN_GRPC_PORT": str(grpc_port),
                           "DIGITGEN_LOG_FORMAT": "text"}
-        flags = ["--network", "host", "--cpus", "1", "--no-healthcheck", "--name", f"digit-gen-replica-{index}-{port}",
+        flags = ["--network", "host", "--cpus", str(container["resources"]["limits"]["cpu"]), "--no-healthcheck",
+                 "--memory", container["resources"]["limits"]["memory"].replace("Gi", "g"),
+                 "--name", f"digit-gen-replica-{index}-{port}",
                  "--mount", f"type=tmpfs,destination={mounts['tmp']['mountPath']},tmpfs-size=512m,tmpfs-mode=1777",
                  "--volume", f"{volume}:{mounts['models']['mountPath']}:ro"]
         flags += [f"--env={k}={v}" for k, v in settings.items()]
@@ -204,7 +207,12 @@ def main(image: str) -> None:
             if subprocess.run(["podman", "exec", containers[0], "sh", "-c", f": > {path}"],
                               capture_output=True).returncode == 0:
                 raise Failed(f"{path}: writable in the container, though the pod spec makes it read-only")
-        print("ok: two replicas ready at generation 1, with the root file system and the volume read-only")
+        scrape = get(replicas[0][1] + "/metrics")[2].decode()
+        workers = len([line for line in scrape.splitlines() if line.startswith("digitgen_process_threads")])
+        if workers != int(spec["containers"][0]["resources"]["limits"]["cpu"]):
+            raise Failed(f"{workers} worker(s) under the pod's CPU limit, {spec['containers'][0]['resources']}")
+        print(f"ok: two replicas ready at generation 1, {workers} workers each under the pod's CPU limit, with the "
+              f"root file system and the volume read-only")
 
         port = free_port()
         servers = "\n".join(f"    server replica{i} {url.removeprefix('http://')} check inter 500ms"
@@ -249,6 +257,13 @@ def main(image: str) -> None:
               f"(served by {dict(load.served_by)})")
         if min(load.served_by.values()) < total / 10 or len(load.served_by) < 2:
             raise Failed(f"the load was not shared by both replicas: {dict(load.served_by)}")
+        for container, _ in replicas:  # ONNX Runtime's own lines start [W:onnxruntime or [E:onnxruntime
+            logs = subprocess.run(["podman", "logs", container], capture_output=True, text=True)
+            noisy = [line for line in (logs.stdout + logs.stderr).splitlines()
+                     if re.search(r"warn|error|\[[WE]:", line, flags=re.I)]
+            if noisy:
+                raise Failed(f"a replica logged, with its root file system read-only: {noisy[:3]}")
+        print("ok: no warning or error in either replica's log")
     finally:
         if haproxy:
             haproxy.terminate()
