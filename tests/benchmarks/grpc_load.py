@@ -1,9 +1,10 @@
 """A gRPC load generator for the Open Inference Protocol (no ghz here): `concurrency` calls in flight on
-one channel from an asyncio loop, each ModelInfer of one cgan image as raw_input_contents (built with
-tritonclient's own message classes), for `seconds`; prints one JSON line: requests, seconds, rps, p50_ms,
-p99_ms, errors. Run it in its own process beside the server, as wrk is.
+`channels` channels (1 by default: one HTTP/2 connection, as one client holds; several: as several clients,
+each its own connection, spread over them in turn) from an asyncio loop, each ModelInfer of one cgan image as
+raw_input_contents (built with tritonclient's own message classes), for `seconds`; prints one JSON line:
+requests, seconds, rps, p50_ms, p99_ms, errors. Run it in its own process beside the server, as wrk is.
 
-    python tests/benchmarks/grpc_load.py HOST:PORT [--concurrency 64] [--seconds 8] [--images 1]
+    python tests/benchmarks/grpc_load.py HOST:PORT [--concurrency 64] [--channels 1] [--seconds 8] [--images 1]
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ def request_bytes(images: int, latent_dim: int = 64, num_classes: int = 10) -> b
     return request.SerializeToString()
 
 
-async def load(address: str, concurrency: int, seconds: float, images: int) -> dict:
+async def load(address: str, concurrency: int, seconds: float, images: int, channels: int = 1) -> dict:
     body, latencies, errors = request_bytes(images), [], 0
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(METHOD)  # bytes in, bytes out: the client does no protobuf work per call
-        await call(body)
+    # a subchannel pool of each channel's own: else grpc shares one connection among equal channels
+    opened = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(channels)]
+    try:
+        calls = [channel.unary_unary(METHOD) for channel in opened]  # bytes in, bytes out: no protobuf work per call
+        for call in calls:
+            await call(body)
         deadline = time.perf_counter() + seconds
 
-        async def caller():
+        async def caller(call):
             nonlocal errors
             while (started := time.perf_counter()) < deadline:
                 try:
@@ -47,8 +52,11 @@ async def load(address: str, concurrency: int, seconds: float, images: int) -> d
                 except grpc.RpcError:
                     errors += 1
         began = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(calls[i % channels]) for i in range(concurrency)))
         elapsed = time.perf_counter() - began
+    finally:
+        for channel in opened:
+            await channel.close()
     ms = np.array(latencies) * 1000
     return {"requests": len(latencies), "seconds": elapsed, "rps": len(latencies) / elapsed,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
@@ -60,5 +68,6 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--channels", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(load(args.address, args.concurrency, args.seconds, args.images))))
+    print(json.dumps(asyncio.run(load(args.address, args.concurrency, args.seconds, args.images, args.channels))))
