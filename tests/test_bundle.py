@@ -63,6 +63,8 @@ def test_each_recipe_is_what_the_bundled_model_was_trained_with():
         config = train_config_from_args(parse_train_flags([recipe.model, *recipe.flags]))
         entry = manifest.model(recipe.name)
         assert (entry.dataset, entry.training.epochs, entry.family) == (config.dataset, config.epochs, recipe.model)
+        if entry.training.settings is not None:  # recorded since issue 28: the export's own settings too
+            assert entry.training.settings.get("export", {}).get("dense_rank") == recipe.dense_rank, recipe.name
 
 
 def test_the_bundle_and_the_command_line_do_not_import_each_other():

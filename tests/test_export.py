@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import TINY_MODEL, tiny_setup
 
 from service.manifest import load_manifest, sha256_of
@@ -206,7 +207,7 @@ def bundled_entries():
 def test_bundled_file_matches_its_manifest_entry(entry):
     path = BUNDLED / entry.file
     assert sha256_of(path) == entry.sha256
-    assert path.stat().st_size < 16 * 2**20  # what a clone carries per file; gan's dense layer of 512: 13.5 MB
+    assert path.stat().st_size < 8 * 2**20  # what a clone carries per file (gan's factorised dense layer: 4.2 MB)
     check_interface(path, entry.latent_dim, entry.num_classes)
     assert (BUNDLED / f"{entry.name}.png").exists() and (BUNDLED / f"{entry.name}-progress.gif").exists()
 
@@ -283,3 +284,41 @@ def test_an_export_while_serving_never_breaks_a_request(tiny_runs, tmp_path, eva
         for thread in threads:
             thread.join(30)
     assert failures == [] and {first.version, second.version} <= versions
+
+
+def test_factorising_the_dense_layer_keeps_its_outputs_mean_and_the_variance_it_reports():
+    """PCA's promise, checked on the layer itself: the factorised pair's outputs keep the original's mean
+    exactly, and lose exactly the share of variance it reports (1 - kept), with fewer weights."""
+    import copy
+
+    from training.factorise import SAMPLES, _layer_inputs, factorise_projection
+    from training.models.gan import GANConfig, Generator
+    torch.manual_seed(0)
+    net = Generator(GANConfig(latent_dim=8, g_channels=8, g_hidden=64), num_classes=10).eval()
+    original = copy.deepcopy(net)
+    index = max((i for i, m in enumerate(net.project) if isinstance(m, torch.nn.Linear)),
+                key=lambda i: net.project[i].weight.numel())
+    with torch.no_grad():
+        before = _layer_inputs(original, torch.nn.Sequential(*list(original.project)[:index + 1]), seed=3)
+        kept = factorise_projection(net, 24, seed=3)
+        after = _layer_inputs(net, torch.nn.Sequential(*list(net.project)[:index + 1]), seed=3)
+    assert len(before) == SAMPLES and 0.5 < kept < 1
+    assert torch.allclose(after.mean(0), before.mean(0), atol=1e-4)
+    lost = (after - before).square().sum() / (before - before.mean(0)).square().sum()
+    assert abs(float(lost) - (1 - kept)) < 1e-3
+    weights = sum(p.numel() for p in net.project[index].parameters())
+    assert weights == 64 * 24 + 24 * 784 + 784 < original.project[index].weight.numel()
+    with pytest.raises(ValueError, match="--dense-rank 60"):
+        factorise_projection(copy.deepcopy(original), 60)
+
+
+def test_an_export_with_a_dense_rank_records_it_and_a_vae_refuses_it(tiny_runs, tmp_path, evaluator_dir):
+    out = tmp_path / "exported"
+    entry = export.export_run(tiny_runs["cgan"], "tiny-cgan", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None, accept_worse=TINY_MODEL, dense_rank=8)
+    recorded = load_manifest(out).model("tiny-cgan").training.settings["export"]
+    assert recorded["dense_rank"] == 8 and 0 < recorded["variance_kept"] <= 1
+    check_interface(out / entry.file, entry.latent_dim, entry.num_classes)
+    with pytest.raises(export.ExportError, match="--dense-rank: .* is a VAE"):
+        export.export_run(tiny_runs["vae"], "tiny-vae", out, samples=100, evaluator_dir=evaluator_dir,
+                          log=lambda *_: None, accept_worse=TINY_MODEL, dense_rank=2)

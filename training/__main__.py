@@ -125,6 +125,9 @@ def add_export_command(commands) -> None:
                                                                       "keeps the rest")
     export.add_argument("--no-serve", action="store_true", help="list the new version for pinned requests "
                                                                 "(?version=) only")
+    export.add_argument("--dense-rank", type=positive_int, metavar="R", help="a GAN generator: factorise its widest "
+                        "dense layer to rank R over the principal directions of its outputs (training/factorise.py): "
+                        "fewer weights to read per image; the judge scores the factorised file")
     export.add_argument("--accept-worse", metavar="REASON", help="list the version even though it scores worse "
                                                                  "than the one it replaces (or below the floors, "
                                                                  "which the service still refuses); REASON is "
@@ -281,7 +284,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from training.export import export_run
 
     export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples, data_dir=args.data_dir,
-               raw=args.raw, serve=not args.no_serve, canary=args.canary, accept_worse=args.accept_worse)
+               raw=args.raw, serve=not args.no_serve, canary=args.canary, accept_worse=args.accept_worse,
+               dense_rank=args.dense_rank)
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from service.manifest import (
 )
 from training import evaluate, evaluator, pictures
 from training.atomic import write_text_atomic
+from training.factorise import factorise_projection
 from training.judge_export import with_quality
 from training.loop import SNAPSHOT_ROWS, fixed_noise, load_run, read_history
 from training.models.gan import Generator
@@ -98,13 +99,14 @@ def onnx_opset(path: Path) -> int:
     return next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _training_summary(run: Path, record: dict, epoch: int) -> TrainingSummary:
+def _training_summary(run: Path, record: dict, epoch: int, exported_as: dict | None = None) -> TrainingSummary:
     history = read_history(run / "metrics.jsonl", epoch)
     seconds = sum(row["seconds"] for row in history)
     images = sum(row["seconds"] * row["images_per_s"] for row in history)
+    settings = {"train": _plain(record.get("train", {})), "model": _plain(record.get("model_config", {}))}
     return TrainingSummary(epochs=epoch, seconds=round(seconds, 1), device=record["device"],
                            images_per_s=round(images / seconds, 1) if seconds else 0.0, torch=record["torch"],
-                           settings={"train": _plain(record.get("train", {})), "model": _plain(record.get("model_config", {}))})
+                           settings=settings | ({"export": exported_as} if exported_as else {}))
 
 
 def _plain(settings: dict) -> dict:
@@ -124,7 +126,8 @@ def _save_sample_grid(source: evaluate.Source, path: Path, seed: int) -> None:
 def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_for: tuple[str, ...] = (),
                samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
                data_dir: str | Path | None = None, raw: bool = False, log=print, serve: bool = True,
-               canary: float | None = None, accept_worse: str | None = None) -> ModelEntry:
+               canary: float | None = None, accept_worse: str | None = None,
+               dense_rank: int | None = None) -> ModelEntry:
     """Export, check, evaluate and list one run as a new version of `name`, with its figures by the judge's
     ONNX file (the judge is exported beside it when the manifest lists none of its kind); returns its
     manifest entry. `data_dir` locates the evaluator's data (default: the run's own data when it is the
@@ -134,7 +137,9 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     requests, or is listed for pinned requests only. It must earn its place (service/admission.py): below
     its kind's floors, or worse than the version it would replace, it is refused and the manifest is left as
     it was, unless `accept_worse` gives the reason to list it anyway (recorded in its entry; the floors still
-    keep the service from serving it). Nothing the service reads changes before the manifest's one rename."""
+    keep the service from serving it). Nothing the service reads changes before the manifest's one rename.
+    `dense_rank`: a GAN generator's widest dense layer factorised to that rank first (training/factorise.py),
+    recorded in the entry's training settings under `export`."""
     _check_arguments(name, default_for, serve, canary, accept_worse)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
@@ -146,6 +151,17 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     net = trainer.nets["generator"] if raw else trainer.sampler()
     assert isinstance(net, (Generator, VAE))
     num_classes = trainer.num_classes
+    exported_as: dict[str, object] = {}
+    if dense_rank is not None:
+        if not isinstance(net, Generator):
+            raise ExportError(f"--dense-rank: {run} is a VAE; only a GAN generator's dense layer is factorised")
+        net = copy.deepcopy(net)  # the run's own network stays as trained
+        try:
+            kept = factorise_projection(net, dense_rank, seed=trainer.config.seed)
+        except ValueError as err:
+            raise ExportError(str(err)) from None
+        exported_as = {"dense_rank": dense_rank, "variance_kept": round(kept, 6)}
+        log(f"dense layer factorised to rank {dense_rank}: {kept:.4%} of its outputs' variance kept")
     onnx_path = _export_version(net, num_classes, out_dir / name)
     opset = onnx_opset(onnx_path)
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
@@ -160,7 +176,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
         name=name, family=record["family"], conditional=num_classes > 0, latent_dim=net.latent_dim,
         num_classes=num_classes, class_names=record["class_names"], file=onnx_path.relative_to(out_dir).as_posix(),
         sha256=sha256_of(onnx_path), opset=opset, dataset=record["dataset"],
-        training=_training_summary(run, record, epoch), metrics=metrics, accepted_worse=accept_worse)
+        training=_training_summary(run, record, epoch, exported_as), metrics=metrics, accepted_worse=accept_worse)
     replaced = manifest.model(name) if name in manifest.names else None
     try:
         updated = manifest.upsert(entry, default_for, serve=serve and canary is None, canary=canary)
