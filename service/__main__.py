@@ -224,7 +224,7 @@ def prune_command(argv: list[str]) -> int:
         prog="python -m service prune",
         description="Remove the model files (<name>/<version>.onnx) that the manifest no longer lists: export "
                     "never deletes one, since a running service or a rollback may still use it.")
-    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
+    _models_dir_argument(parser)
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     args = parser.parse_args(argv)
     try:
@@ -247,7 +247,7 @@ def copy_models_command(argv: list[str]) -> int:
                     "every file checked against the manifest, each renamed into place, the manifest last. "
                     "Then send each service a SIGHUP to serve it.")
     parser.add_argument("dest", type=Path, metavar="DEST", help="the folder to publish into (created when missing)")
-    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
+    _models_dir_argument(parser)
     parser.add_argument("--if-empty", action="store_true", help="do nothing when DEST has a manifest already")
     args = parser.parse_args(argv)
     try:
@@ -266,8 +266,7 @@ def triton_repository(argv: list[str]) -> int:
         description="Write OUT/<name>/config.pbtxt and OUT/<name>/1/model.onnx for every model of the manifest: "
                     "a repository for `tritonserver --model-repository OUT` (service/README.md: Scaling out).")
     parser.add_argument("out", type=Path, metavar="OUT", help="the repository folder (created when missing)")
-    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; "
-                                                        "default exported)")
+    _models_dir_argument(parser)
     parser.add_argument("--gpu", action="store_true", help="instance_group KIND_GPU (default KIND_CPU)")
     args = parser.parse_args(argv)
     try:
@@ -280,6 +279,11 @@ def triton_repository(argv: list[str]) -> int:
     print(f"wrote {', '.join(names)} into {args.out} (max_batch_size {settings.batch_max_size}, "
           f"{'KIND_GPU' if args.gpu else 'KIND_CPU'})")
     return 0
+
+
+def _models_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """--models-dir of the commands that read a model set (prune, copy-models, triton-repository)."""
+    parser.add_argument("--models-dir", type=Path, help="folder with manifest.json (DIGITGEN_MODELS_DIR; default exported)")
 
 
 def _models_settings(models_dir: Path | None) -> Settings:

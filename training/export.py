@@ -153,15 +153,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     num_classes = trainer.num_classes
     exported_as: dict[str, object] = {}
     if dense_rank is not None:
-        if not isinstance(net, Generator):
-            raise ExportError(f"--dense-rank: {run} is a VAE; only a GAN generator's dense layer is factorised")
-        net = copy.deepcopy(net)  # the run's own network stays as trained
-        try:
-            kept = factorise_projection(net, dense_rank, seed=trainer.config.seed)
-        except ValueError as err:
-            raise ExportError(str(err)) from None
-        exported_as = {"dense_rank": dense_rank, "variance_kept": round(kept, 6)}
-        log(f"dense layer factorised to rank {dense_rank}: {kept:.4%} of its outputs' variance kept")
+        net, exported_as = _factorised(net, dense_rank, run, trainer.config.seed, log)
     onnx_path = _export_version(net, num_classes, out_dir / name)
     opset = onnx_opset(onnx_path)
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
@@ -196,6 +188,20 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
         _save_sample_grid(source, out_dir / f"{name}.png", config.seed)
         _save_progress(run, out_dir / f"{name}-progress.gif")
     return listed
+
+
+def _factorised(net: Generator | VAE, rank: int, run: Path, seed: int, log) -> tuple[Generator, dict[str, object]]:
+    """A copy of the generator with its widest dense layer factorised (training/factorise.py), and what to
+    record of it; the run's own network stays as trained."""
+    if not isinstance(net, Generator):
+        raise ExportError(f"--dense-rank: {run} is a VAE; only a GAN generator's dense layer is factorised")
+    net = copy.deepcopy(net)
+    try:
+        kept = factorise_projection(net, rank, seed=seed)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    log(f"dense layer factorised to rank {rank}: {kept:.4%} of its outputs' variance kept")
+    return net, {"dense_rank": rank, "variance_kept": round(kept, 6)}
 
 
 def _check_arguments(name: str, default_for: tuple[str, ...], serve: bool, canary: float | None,
