@@ -138,8 +138,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     its kind's floors, or worse than the version it would replace, it is refused and the manifest is left as
     it was, unless `accept_worse` gives the reason to list it anyway (recorded in its entry; the floors still
     keep the service from serving it). Nothing the service reads changes before the manifest's one rename.
-    `dense_rank`: a GAN generator's widest dense layer factorised to that rank first (training/factorise.py),
-    recorded in the entry's training settings under `export`."""
+    `dense_rank`: factorise a GAN generator first (_factorised)."""
     _check_arguments(name, default_for, serve, canary, accept_worse)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
@@ -151,9 +150,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     net = trainer.nets["generator"] if raw else trainer.sampler()
     assert isinstance(net, (Generator, VAE))
     num_classes = trainer.num_classes
-    exported_as: dict[str, object] = {}
-    if dense_rank is not None:
-        net, exported_as = _factorised(net, dense_rank, run, trainer.config.seed, log)
+    net, exported_as = (net, {}) if dense_rank is None else _factorised(net, dense_rank, run, trainer.config.seed, log)
     onnx_path = _export_version(net, num_classes, out_dir / name)
     opset = onnx_opset(onnx_path)
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
@@ -191,8 +188,8 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
 
 
 def _factorised(net: Generator | VAE, rank: int, run: Path, seed: int, log) -> tuple[Generator, dict[str, object]]:
-    """A copy of the generator with its widest dense layer factorised (training/factorise.py), and what to
-    record of it; the run's own network stays as trained."""
+    """A copy of the generator with its widest dense layer factorised to `rank` (training/factorise.py), and
+    what the entry's training settings record of it under `export`; the run's own network stays as trained."""
     if not isinstance(net, Generator):
         raise ExportError(f"--dense-rank: {run} is a VAE; only a GAN generator's dense layer is factorised")
     net = copy.deepcopy(net)
