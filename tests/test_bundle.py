@@ -64,7 +64,9 @@ def test_each_recipe_is_what_the_bundled_model_was_trained_with():
         entry = manifest.model(recipe.name)
         assert (entry.dataset, entry.training.epochs, entry.family) == (config.dataset, config.epochs, recipe.model)
         if entry.training.settings is not None:  # recorded since issue 28: the export's own settings too
-            assert entry.training.settings.get("export", {}).get("dense_rank") == recipe.dense_rank, recipe.name
+            exported_as = entry.training.settings.get("export", {})
+            assert (exported_as.get("dense_rank"), exported_as.get("sharpen")) == (recipe.dense_rank, recipe.sharpen), \
+                recipe.name
 
 
 def test_the_bundle_and_the_command_line_do_not_import_each_other():

@@ -176,8 +176,9 @@ def test_help_documents_every_flag():
 def test_evaluate_refuses_flags_that_do_not_apply_by_name(capsys, tmp_path):
     onnx_file = tmp_path / "m.onnx"
     onnx_file.write_bytes(b"")
-    code, _, err = run_cli(capsys, "evaluate", str(onnx_file), "--raw")
-    assert code == 2 and "--raw" in err
+    for flag in (["--raw"], ["--sharpen", "0.5"]):
+        code, _, err = run_cli(capsys, "evaluate", str(onnx_file), *flag)
+        assert code == 2 and f"{flag[0]}: an .onnx file holds one graph" in err
     with pytest.raises(SystemExit):
         main(["evaluate", str(onnx_file), "--truncation", "0"])
     assert "--truncation" in capsys.readouterr().err

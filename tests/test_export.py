@@ -322,3 +322,26 @@ def test_an_export_with_a_dense_rank_records_it_and_a_vae_refuses_it(tiny_runs, 
     with pytest.raises(export.ExportError, match="--dense-rank: .* is a VAE"):
         export.export_run(tiny_runs["vae"], "tiny-vae", out, samples=100, evaluator_dir=evaluator_dir,
                           log=lambda *_: None, accept_worse=TINY_MODEL, dense_rank=2)
+
+
+def test_a_sharpened_vae_draws_its_logits_over_the_temperature_and_a_gan_refuses_it(tiny_runs, tmp_path,
+                                                                                    evaluator_dir):
+    quiet = {"samples": 100, "evaluator_dir": evaluator_dir, "log": lambda *_: None, "accept_worse": TINY_MODEL}
+    plain = export.export_run(tiny_runs["vae"], "tiny-vae", tmp_path / "plain", **quiet)
+    sharp = export.export_run(tiny_runs["vae"], "tiny-vae", tmp_path / "sharp", sharpen=0.5, **quiet)
+    assert load_manifest(tmp_path / "sharp").model("tiny-vae").training.settings["export"] == {"sharpen": 0.5}
+    assert "export" not in load_manifest(tmp_path / "plain").model("tiny-vae").training.settings
+    check_interface(tmp_path / "sharp" / sharp.file, sharp.latent_dim, 0)
+    z = {"z": np.random.default_rng(1).standard_normal((32, plain.latent_dim), dtype=np.float32)}
+    mean, drawn = (ort.InferenceSession(str(tmp_path / d / e.file), providers=["CPUExecutionProvider"])
+                   .run(["image"], z)[0].astype(np.float64) for d, e in (("plain", plain), ("sharp", sharp)))
+    inside = (mean > 1e-3) & (mean < 1 - 1e-3)  # where float32's sigmoid can be inverted
+    assert inside.mean() > 0.5
+    logit = np.log(mean) - np.log1p(-mean)
+    np.testing.assert_allclose(drawn[inside], 1 / (1 + np.exp(-logit[inside] / 0.5)), atol=1e-4)
+    with pytest.raises(export.ExportError, match="--sharpen: .* is a GAN"):
+        export.export_run(tiny_runs["cgan"], "tiny-cgan", tmp_path / "gan", sharpen=0.5, **quiet)
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(export.ExportError, match="--sharpen .*strictly between 0 and 1"):
+            export.export_run(tiny_runs["vae"], "tiny-vae", tmp_path / "bad", sharpen=bad, **quiet)
+    assert not (tmp_path / "bad" / "manifest.json").exists()

@@ -70,6 +70,8 @@ def add_evaluate_command(commands) -> None:
     evaluate.add_argument("--raw", action="store_true", help="a run with an EMA: score the raw generator instead")
     evaluate.add_argument("--no-prior", action="store_true",
                           help="a VAE with a prior flow: decode z ~ N(0, I) directly, as without the flow")
+    evaluate.add_argument("--sharpen", type=float, metavar="T", help="a VAE: score sigmoid(logits / T), 0 < T < 1, "
+                          "as `export --sharpen T` would draw")
     evaluate.add_argument("--out", type=Path, help="where to write the metrics (default RUN/metrics.json, "
                                                    "or NAME.metrics.json beside an .onnx file)")
 
@@ -128,6 +130,9 @@ def add_export_command(commands) -> None:
     export.add_argument("--dense-rank", type=positive_int, metavar="R", help="a GAN generator: factorise its widest "
                         "dense layer to rank R over the principal directions of its outputs (training/factorise.py): "
                         "fewer weights to read per image; the judge scores the factorised file")
+    export.add_argument("--sharpen", type=float, metavar="T", help="a VAE: draw sigmoid(logits / T), 0 < T < 1, "
+                        "rather than the Bernoulli mean sigmoid(logits): sharper stroke edges; the judge scores "
+                        "the sharpened file")
     export.add_argument("--accept-worse", metavar="REASON", help="list the version even though it scores worse "
                                                                  "than the one it replaces (or below the floors, "
                                                                  "which the service still refuses); REASON is "
@@ -188,6 +193,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training import evaluate, evaluator
+    from training.export import sharpened
     from training.loop import load_run
     from training.models.gan import Generator
     from training.models.vae import VAE
@@ -196,9 +202,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if target.suffix == ".onnx":
         if not target.is_file():
             raise ConfigError(f"{target}: no such file")
-        if args.raw or args.no_prior:
-            raise ConfigError(f"{'--raw' if args.raw else '--no-prior'}: an .onnx file holds one graph; "
-                              f"the flag is for runs")
+        if args.raw or args.no_prior or args.sharpen is not None:
+            flag = "--raw" if args.raw else "--no-prior" if args.no_prior else "--sharpen"
+            raise ConfigError(f"{flag}: an .onnx file holds one graph; the flag is for runs")
         source = evaluate.onnx_source(target)
         judge = evaluator.load_judge(args.dataset or "mnist", args.data_dir)
         metrics = evaluate.evaluate_source(source, judge, args.samples, args.truncation)
@@ -215,7 +221,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             if not isinstance(net, VAE) or net.prior is None:  # a Generator has no prior
                 raise ConfigError(f"--no-prior: {target} has no prior flow")
             net.prior = None
-        suffix = "-raw" if args.raw else "-no-prior" if args.no_prior else ""
+        if args.sharpen is not None:
+            net = sharpened(net, args.sharpen, target, log=lambda *_: None)
+        suffix = ("-raw" if args.raw else "-no-prior" if args.no_prior else "") + (
+            f"-sharpen{args.sharpen:g}" if args.sharpen is not None else "")
         source = evaluate.torch_source(target.name, net, trainer.num_classes)
         judge = evaluator.judge_for_run(trainer.config, args.data_dir)
         metrics = evaluate.evaluate_run(trainer, source, judge, args.samples, args.truncation)
@@ -285,7 +294,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     export_run(args.run, args.name, args.out_dir, tuple(args.default_for), args.samples, data_dir=args.data_dir,
                raw=args.raw, serve=not args.no_serve, canary=args.canary, accept_worse=args.accept_worse,
-               dense_rank=args.dense_rank)
+               dense_rank=args.dense_rank, sharpen=args.sharpen)
 
 
 def cmd_bundle(args: argparse.Namespace) -> None:

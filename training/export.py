@@ -127,7 +127,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
                samples: int = evaluate.DEFAULT_SAMPLES, evaluator_dir: Path | None = None,
                data_dir: str | Path | None = None, raw: bool = False, log=print, serve: bool = True,
                canary: float | None = None, accept_worse: str | None = None,
-               dense_rank: int | None = None) -> ModelEntry:
+               dense_rank: int | None = None, sharpen: float | None = None) -> ModelEntry:
     """Export, check, evaluate and list one run as a new version of `name`, with its figures by the judge's
     ONNX file (the judge is exported beside it when the manifest lists none of its kind); returns its
     manifest entry. `data_dir` locates the evaluator's data (default: the run's own data when it is the
@@ -138,7 +138,8 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     its kind's floors, or worse than the version it would replace, it is refused and the manifest is left as
     it was, unless `accept_worse` gives the reason to list it anyway (recorded in its entry; the floors still
     keep the service from serving it). Nothing the service reads changes before the manifest's one rename.
-    `dense_rank`: factorise a GAN generator first (_factorised)."""
+    `dense_rank`: factorise a GAN generator first (_factorised); `sharpen`: a VAE's output temperature
+    (sharpened)."""
     _check_arguments(name, default_for, serve, canary, accept_worse)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
@@ -150,7 +151,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     net = trainer.nets["generator"] if raw else trainer.sampler()
     assert isinstance(net, (Generator, VAE))
     num_classes = trainer.num_classes
-    net, exported_as = (net, {}) if dense_rank is None else _factorised(net, dense_rank, run, trainer.config.seed, log)
+    net, exported_as = _as_exported(net, run, trainer.config.seed, dense_rank, sharpen, log)
     onnx_path = _export_version(net, num_classes, out_dir / name)
     opset = onnx_opset(onnx_path)
     log(f"{onnx_path}: parity with PyTorch within {PARITY_TOLERANCE:g} over {PARITY_SAMPLES} samples")
@@ -187,6 +188,17 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     return listed
 
 
+def _as_exported(net: Generator | VAE, run: Path, seed: int, dense_rank: int | None, sharpen: float | None,
+                 log) -> tuple[Generator | VAE, dict[str, object]]:
+    """The network the file will hold (the run's, or a changed copy) and what the entry's training settings
+    record of the change under `export`."""
+    if dense_rank is not None:
+        return _factorised(net, dense_rank, run, seed, log)
+    if sharpen is not None:
+        return sharpened(net, sharpen, run, log), {"sharpen": sharpen}
+    return net, {}
+
+
 def _factorised(net: Generator | VAE, rank: int, run: Path, seed: int, log) -> tuple[Generator, dict[str, object]]:
     """A copy of the generator with its widest dense layer factorised to `rank` (training/factorise.py), and
     what the entry's training settings record of it under `export`; the run's own network stays as trained."""
@@ -199,6 +211,20 @@ def _factorised(net: Generator | VAE, rank: int, run: Path, seed: int, log) -> t
         raise ExportError(str(err)) from None
     log(f"dense layer factorised to rank {rank}: {kept:.4%} of its outputs' variance kept")
     return net, {"dense_rank": rank, "variance_kept": round(kept, 6)}
+
+
+def sharpened(net: Generator | VAE, temperature: float, run: Path, log) -> VAE:
+    """A copy of the VAE whose drawn images are sigmoid(logits / temperature): the Bernoulli means sharpened
+    toward 0 and 1 where the decoder hedges between stroke and background. The run's network, its ELBO and
+    its latents stay as trained; only the exported picture of each z changes."""
+    if not isinstance(net, VAE):
+        raise ExportError(f"--sharpen: {run} is a GAN; only a VAE's Bernoulli logits are sharpened")
+    if not 0 < temperature < 1:
+        raise ExportError(f"--sharpen {temperature:g}: the output temperature must lie strictly between 0 and 1")
+    net = copy.deepcopy(net)
+    net.output_temperature = temperature
+    log(f"decoder logits divided by {temperature:g} before the sigmoid")
+    return net
 
 
 def _check_arguments(name: str, default_for: tuple[str, ...], serve: bool, canary: float | None,

@@ -2,7 +2,9 @@
 
 Each encodes an image to a mean and log-variance, samples z = mu + exp(logvar / 2) * eps and decodes
 z back to pixel logits. `generate(z, y)` is the exported decoder: intensities in [0, 1]. With a prior
-flow (`prior_flow` > 0 couplings) it first maps the N(0, I) noise onto where the latents live.
+flow (`prior_flow` > 0 couplings) it first maps the N(0, I) noise onto where the latents live. An
+`output_temperature` below 1 (set at export, `--sharpen`) divides the logits before the sigmoid: the
+Bernoulli mean is grey wherever the decoder is unsure where a stroke's edge falls, and real digits are not.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class VAE(nn.Module):
 
     latent_dim: int
     num_classes: int
+    output_temperature: float = 1.0  # the drawn image's logits are divided by it; training never reads it
 
     def _build_prior(self, config) -> None:
         """The learned map N(0, I) -> aggregate posterior, fitted during training; None: plain N(0, I)."""
@@ -48,7 +51,8 @@ class VAE(nn.Module):
         """Images for N(0, I) noise z: through the prior flow when there is one, then the decoder."""
         if self.prior is not None:
             z = self.prior(z, y)
-        return torch.sigmoid(self.decode_logits(z, y))
+        logits = self.decode_logits(z, y)
+        return torch.sigmoid(logits if self.output_temperature == 1.0 else logits / self.output_temperature)
 
 
 @dataclass
