@@ -46,8 +46,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("wgan", "wgan", (*MNIST, "--epochs", "40", "--n-critic", "1", "--ema-decay", "0.999",
                             "--lr-decay-start", "0.5", "--set", "g_hidden=512", "--set", "d_layers=3"),
            dense_rank=128),
-    Recipe("cgan", "cgan", (*MNIST, "--epochs", "32", "--ema-decay", "0.999", "--lr-decay-start", "0.5"),
-           default_for=("sample", "generate", "interpolate")),
+    # The gan's wider networks (issue 30), factorised at export likewise (99.7% of the variance at rank 128):
+    # FID 6.8x the floor -> 4.6x, precision 0.95x -> 1.05x, accuracy 0.9972 -> 0.9994 (exported/README.md).
+    Recipe("cgan", "cgan", (*MNIST, "--epochs", "32", "--ema-decay", "0.999", "--lr-decay-start", "0.5",
+                            "--set", "g_hidden=512", "--set", "d_layers=3"),
+           default_for=("sample", "generate", "interpolate"), dense_rank=128),
 ]}
 
 
