@@ -179,6 +179,8 @@ def test_evaluate_refuses_flags_that_do_not_apply_by_name(capsys, tmp_path):
     for flag in (["--raw"], ["--sharpen", "0.5"]):
         code, _, err = run_cli(capsys, "evaluate", str(onnx_file), *flag)
         assert code == 2 and f"{flag[0]}: an .onnx file holds one graph" in err
+    code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "no-run-here"), "--sharpen", "2")
+    assert code == 2 and "--sharpen 2: the output temperature must lie strictly between 0 and 1" in err
     with pytest.raises(SystemExit):
         main(["evaluate", str(onnx_file), "--truncation", "0"])
     assert "--truncation" in capsys.readouterr().err

@@ -222,13 +222,13 @@ def test_the_bundle_has_every_default_family():
 # worse model fails here. Ratios are to real test digits scored by the same evaluator.
 REACHED = {
     "cgan": {"conditional_accuracy": 0.999, "confidence_ratio": 1.0, "min_class_share": 0.095, "precision_ratio": 1.0},
-    "cvae": {"conditional_accuracy": 0.99, "confidence_ratio": 1.0, "min_class_share": 0.095, "precision_ratio": 1.0,
+    "cvae": {"conditional_accuracy": 0.99, "confidence_ratio": 0.99, "min_class_share": 0.095, "precision_ratio": 1.0,
              "recall_ratio": 0.75},
     "vae": {"confidence_ratio": 0.89, "min_class_share": 0.085, "precision_ratio": 0.85, "recall_ratio": 0.9},
     "gan": {"recall_ratio": 0.8, "min_class_share": 0.085, "precision_ratio": 0.9, "confidence_ratio": 0.88},
     "wgan": {"recall_ratio": 0.8, "min_class_share": 0.085, "precision_ratio": 0.8, "confidence_ratio": 0.83},
 }
-REACHED_AT_MOST = {"gan": {"fid_ratio": 3.0}, "wgan": {"fid_ratio": 6.0}, "cgan": {"fid_ratio": 4.6},
+REACHED_AT_MOST = {"gan": {"fid_ratio": 3.0}, "wgan": {"fid_ratio": 6.0}, "cgan": {"fid_ratio": 4.8},
                    "vae": {"fid_ratio": 4.0}, "cvae": {"fid_ratio": 3.4}}  # figures where lower is better
 
 
@@ -346,4 +346,6 @@ def test_a_sharpened_vae_draws_its_logits_over_the_temperature_and_a_gan_refuses
     for bad in (0.0, 1.0, float("nan")):
         with pytest.raises(export.ExportError, match="--sharpen .*strictly between 0 and 1"):
             export.export_run(tiny_runs["vae"], "tiny-vae", tmp_path / "bad", sharpen=bad, **quiet)
+    with pytest.raises(export.ExportError, match="--dense-rank and --sharpen: choose one"):
+        export.export_run(tiny_runs["cgan"], "tiny-cgan", tmp_path / "bad", dense_rank=8, sharpen=0.5, **quiet)
     assert not (tmp_path / "bad" / "manifest.json").exists()

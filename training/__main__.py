@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from training import evaluate, evaluator
-    from training.export import sharpened
+    from training.export import check_sharpen, sharpened
     from training.loop import load_run
     from training.models.gan import Generator
     from training.models.vae import VAE
@@ -212,6 +212,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         if args.dataset:
             raise ConfigError("--dataset: a run knows what it trained on; the flag is for .onnx files")
+        if args.sharpen is not None:
+            check_sharpen(args.sharpen)
         trainer, _, _ = load_run(target)
         if args.raw and trainer.ema is None:
             raise ConfigError(f"--raw: {target} keeps no EMA, so its only weights are the raw ones")

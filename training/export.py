@@ -140,7 +140,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     keep the service from serving it). Nothing the service reads changes before the manifest's one rename.
     `dense_rank`: factorise a GAN generator first (_factorised); `sharpen`: a VAE's output temperature
     (sharpened)."""
-    _check_arguments(name, default_for, serve, canary, accept_worse)
+    _check_arguments(name, default_for, serve, canary, accept_worse, dense_rank, sharpen)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
     if canary is not None and name not in manifest.names:
@@ -219,17 +219,26 @@ def sharpened(net: Generator | VAE, temperature: float, run: Path, log) -> VAE:
     its latents stay as trained; only the exported picture of each z changes."""
     if not isinstance(net, VAE):
         raise ExportError(f"--sharpen: {run} is a GAN; only a VAE's Bernoulli logits are sharpened")
-    if not 0 < temperature < 1:
-        raise ExportError(f"--sharpen {temperature:g}: the output temperature must lie strictly between 0 and 1")
+    check_sharpen(temperature)
     net = copy.deepcopy(net)
     net.output_temperature = temperature
     log(f"decoder logits divided by {temperature:g} before the sigmoid")
     return net
 
 
+def check_sharpen(temperature: float) -> None:
+    """The output temperature of `--sharpen`: below 1 sharpens, 1 is the mean itself, above 1 blurs."""
+    if not 0 < temperature < 1:
+        raise ExportError(f"--sharpen {temperature:g}: the output temperature must lie strictly between 0 and 1")
+
+
 def _check_arguments(name: str, default_for: tuple[str, ...], serve: bool, canary: float | None,
-                     accept_worse: str | None) -> None:
+                     accept_worse: str | None, dense_rank: int | None, sharpen: float | None) -> None:
     """Every argument, before minutes of export and evaluation."""
+    if dense_rank is not None and sharpen is not None:
+        raise ExportError("--dense-rank and --sharpen: choose one (the first is for a GAN, the second for a VAE)")
+    if sharpen is not None:
+        check_sharpen(sharpen)
     if not re.fullmatch(MODEL_NAME, name) or len(name) > 64:
         raise ExportError(f"--name {name!r}: a model name is 1-64 of a-z, 0-9, - and _, starting with a letter or "
                           f"digit")
