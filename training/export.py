@@ -138,8 +138,7 @@ def export_run(run: Path, name: str, out_dir: Path = Path("exported"), default_f
     its kind's floors, or worse than the version it would replace, it is refused and the manifest is left as
     it was, unless `accept_worse` gives the reason to list it anyway (recorded in its entry; the floors still
     keep the service from serving it). Nothing the service reads changes before the manifest's one rename.
-    `dense_rank`: factorise a GAN generator first (_factorised); `sharpen`: a VAE's output temperature
-    (sharpened)."""
+    `dense_rank` (a GAN) or `sharpen` (a VAE): the network changed first (_as_exported)."""
     _check_arguments(name, default_for, serve, canary, accept_worse, dense_rank, sharpen)
     manifest_path = out_dir / MANIFEST_NAME
     manifest = load_manifest(out_dir) if manifest_path.exists() else Manifest()
