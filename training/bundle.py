@@ -26,8 +26,8 @@ class Recipe:
 MNIST = ("--dataset", "mnist")  # the full 60,000 training digits; make train DATA_DIR=... points at a copy
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # Exported sharpened (issue 30): the decoder's logits over T before the sigmoid, T the lowest FID of a
-    # sweep over T = 1, 0.8, 0.7, 0.6, 0.5, 0.4 (exported/README.md: Tuning record). The Bernoulli mean is grey wherever the
-    # decoder hedges on a stroke's edge; sharpened, `vae` went from FID 39x the floor to 4x.
+    # sweep over T = 1, 0.8, 0.7, 0.6, 0.5, 0.4 (exported/README.md: Tuning record). The Bernoulli mean is
+    # grey wherever the decoder hedges on a stroke's edge; sharpened, `vae` went from FID 39x the floor to 4x.
     Recipe("vae", "vae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5"), sharpen=0.5),
     Recipe("cvae", "cvae", (*MNIST, "--epochs", "40", "--set", "prior_flow=8", "--lr-decay-start", "0.5"),
            sharpen=0.6),
