@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_MODEL, tiny_setup
+from conftest import TINY, TINY_MODEL, tiny_setup
 
 from service.manifest import load_manifest, sha256_of
 from training import export
@@ -324,6 +324,24 @@ def test_an_export_with_a_dense_rank_records_it_and_a_vae_refuses_it(tiny_runs, 
     with pytest.raises(export.ExportError, match="--dense-rank: .* is a VAE"):
         export.export_run(tiny_runs["vae"], "tiny-vae", out, samples=100, evaluator_dir=evaluator_dir,
                           log=lambda *_: None, accept_worse=TINY_MODEL, dense_rank=2)
+
+
+def test_a_gan_that_draws_a_code_exports_with_z_alone_and_factorised(few_digits, tmp_path, evaluator_dir):
+    """InfoGAN's code is computed from z inside the graph: the interface is an unconditional model's,
+    ONNX Runtime draws what PyTorch draws (export's parity check), and the factorisation sees the code."""
+    from training.models import MODELS, model_config
+    config, _ = tiny_setup("gan", epochs=1)
+    run = tmp_path / "run"
+    train(config, model_config(MODELS["gan"], {**TINY["gan"], "g_hidden": "64", "info_codes": "4"}), run,
+          progress=False, data=few_digits, log=lambda *_: None)
+    out = tmp_path / "exported"
+    entry = export.export_run(run, "tiny-info", out, samples=100, evaluator_dir=evaluator_dir,
+                              log=lambda *_: None, accept_worse=TINY_MODEL, dense_rank=8)
+    check_interface(out / entry.file, entry.latent_dim, 0)
+    assert entry.latent_dim == 8 and entry.num_classes == 0
+    assert load_manifest(out).model("tiny-info").training.settings["model"]["info_codes"] == 4
+    ops = {node.op_type for node in onnx.load(str(out / entry.file)).graph.node}
+    assert {"ReduceMax", "Equal"} <= ops
 
 
 def test_a_sharpened_vae_draws_its_logits_over_the_temperature_and_a_gan_refuses_it(tiny_runs, tmp_path,

@@ -169,3 +169,40 @@ def test_the_wider_options_add_a_dense_layer_to_the_generator_and_a_third_convol
     assert images.shape == (8, 1, 28, 28) and d(images, torch.eye(10)[:8]).shape == (8,)
     with pytest.raises(ValueError, match="d_layers=4"):
         Discriminator(GANConfig(d_layers=4))
+
+
+def test_the_categorical_code_is_the_argmax_of_zs_first_entries_each_value_equally_often():
+    """InfoGAN's code as the generator draws it: a function of z (so the exported graph keeps its one
+    input), uniform over its values because z's entries are iid, and unmoved by truncation (psi * z)."""
+    from training.models.gan import info_code
+    z = torch.randn(20_000, 16, generator=torch.Generator().manual_seed(0))
+    code = info_code(z, 10)
+    assert torch.equal(code.sum(1), torch.ones(len(z))) and torch.equal(code.argmax(1), z[:, :10].argmax(1))
+    shares = code.mean(0)
+    assert shares.min() > 0.09 and shares.max() < 0.11, shares
+    assert torch.equal(info_code(0.5 * z, 10), code)
+
+
+def test_a_generator_with_a_code_reads_it_beside_z_and_the_discriminator_names_it():
+    config = GANConfig(g_channels=8, d_channels=8, latent_dim=8, info_codes=4)
+    g, d = Generator(config).eval(), Discriminator(config)
+    assert g.project[0].in_features == 8 + 4
+    z = torch.randn(6, 8)
+    flipped = z.clone()
+    flipped[:, :4] = -flipped[:, :4]          # another code for most rows, the rest of z the same
+    assert not torch.allclose(g.generate(z), g.generate(flipped))
+    images = g.generate(z)
+    scores, code_logits = d(images, codes=True)
+    assert scores.shape == (6,) and code_logits.shape == (6, 4)
+    assert torch.equal(scores, d(images))    # the score is the same with or without the code's head
+    assert "code_head.weight" not in Discriminator(GANConfig()).state_dict()  # old checkpoints still load
+
+
+@pytest.mark.parametrize("model, setting, message", [
+    ("cgan", "10", "cgan is conditional"),
+    ("gan", "9", r"0 \(off\) or 2 to latent_dim \(8\)"),
+    ("wgan", "1", r"0 \(off\) or 2 to latent_dim"),
+])
+def test_a_code_a_model_cannot_draw_is_refused_by_name(model, setting, message):
+    with pytest.raises(ConfigError, match=rf"--set info_codes={setting}: .*{message}"):
+        model_config(MODELS[model], {**TINY[model], "info_codes": setting})

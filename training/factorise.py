@@ -57,10 +57,10 @@ def factorise_projection(net: Generator, rank: int, seed: int = 0) -> float:
 
 
 def _layer_inputs(net: Generator, before: nn.Sequential, seed: int) -> torch.Tensor:
-    """What the layer sees in serving: z ~ N(0, I), with each class in turn for a conditional generator,
-    through the layers before it (batch norm with its running statistics)."""
+    """What the layer sees in serving: z ~ N(0, I), with each class in turn for a conditional generator
+    (its code for one that draws a code), through the layers before it (batch norm with its running statistics)."""
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(SAMPLES, net.latent_dim, generator=generator)
     classes = net.num_classes
-    x = torch.cat([z, torch.eye(classes)[torch.arange(SAMPLES) % classes]], dim=1) if classes else z
-    return before(x).double()
+    y = torch.eye(classes)[torch.arange(SAMPLES) % classes] if classes else None
+    return before(net.inputs(z, y)).double()

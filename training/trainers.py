@@ -18,7 +18,7 @@ from torch import nn
 from training import losses, precision
 from training.augment import augment
 from training.models import ModelSpec
-from training.models.gan import Generator
+from training.models.gan import Generator, info_code
 from training.models.vae import VAE, reparameterise
 
 
@@ -107,7 +107,7 @@ class Trainer:
 
     def __init__(self, spec: ModelSpec, model_config, config: TrainConfig, num_classes: int,
                  device: torch.device):
-        self.spec, self.config, self.device = spec, config, device
+        self.spec, self.model_config, self.config, self.device = spec, model_config, config, device
         self.num_classes = num_classes if spec.conditional else 0
         # channels_last: oneDNN and cuDNN run these convolutions faster in NHWC (measured: make bench).
         # The ignore: Module.to takes memory_format=, which the overloads in its stub omit.
@@ -249,6 +249,7 @@ class AdversarialTrainer(Trainer):
         if self.config.ema_decay > 0:
             self.ema = EMA(self.nets["generator"], self.config.ema_decay)
         self.wasserstein = self.spec.objective.startswith("wgan")
+        self.info_weight = getattr(self.model_config, "info_weight", 0.0)
         self.g_loss_fn = (losses.g_loss_wasserstein if self.wasserstein
                           else losses.g_loss_minimax if self.config.loss == "minimax"
                           else losses.g_loss_nonsaturating)
@@ -263,12 +264,15 @@ class AdversarialTrainer(Trainer):
         z = torch.randn(x.shape[0], G.latent_dim, device=x.device)
         terms = {}
 
+        # InfoGAN: the code each fake was drawn with, which D learns to name and G to make nameable
+        code = info_code(z, G.info_codes).argmax(dim=1) if G.info_codes else None
+
         # Discriminator step: the fake is detached, so the generator gets no gradient from it.
         with self.autocast, torch.set_grad_enabled(train_g):
             fake = G_train(z, y)                          # kept with its graph when G trains next
         seen = augment(torch.cat([real, fake.detach()]), self.config.augment)
         with self.autocast:
-            both = D_train(seen, None if y is None else torch.cat([y, y]))
+            both, code_logits = self.judge(D_train, seen, None if y is None else torch.cat([y, y]), code)
         real_out, fake_out = both.float().chunk(2)
         if self.wasserstein:
             d_loss = losses.critic_loss(real_out, fake_out)
@@ -288,6 +292,10 @@ class AdversarialTrainer(Trainer):
                 r1 = losses.r1_penalty(D, real, y).float()
             terms["r1"] = r1.detach()
             d_loss = d_loss + self.config.r1_weight / 2 * R1_INTERVAL * r1
+        if code is not None:
+            info = F.cross_entropy(code_logits[len(x):].float(), code)
+            terms["info"] = info.detach()
+            d_loss = d_loss + self.info_weight * info
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
@@ -300,7 +308,10 @@ class AdversarialTrainer(Trainer):
         # Generator step: the discriminator is frozen, so only the generator moves.
         if train_g:
             with frozen(D), self.autocast:
-                g_loss = self.g_loss_fn(D(augment(fake, self.config.augment), y).float())
+                scores, code_logits = self.judge(D, augment(fake, self.config.augment), y, code)
+            g_loss = self.g_loss_fn(scores.float())
+            if code is not None:  # the mutual-information term: draw each code so that D can name it
+                g_loss = g_loss + self.info_weight * F.cross_entropy(code_logits.float(), code)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
@@ -308,6 +319,15 @@ class AdversarialTrainer(Trainer):
                 self.ema.update(G)
             terms["g_loss"] = g_loss.detach()
         return terms
+
+    @staticmethod
+    def judge(D: nn.Module, images: torch.Tensor, y: torch.Tensor | None,
+              code: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's scores and, when the generator draws a code, its logits for the code, from one pass;
+        without a code the second is an empty placeholder nothing reads."""
+        if code is None:
+            return D(images, y), images.new_empty(0)
+        return D(images, y, codes=True)
 
     def sampler(self):
         return self.ema.net if self.ema else self.nets["generator"]

@@ -87,4 +87,11 @@ def model_config(spec: ModelSpec, overrides: dict[str, str] | None = None, **typ
         raise ConfigError(f"--set d_norm={config.d_norm}: choose none or layer")
     if config.latent_dim < 1:
         raise ConfigError(f"--latent-dim {config.latent_dim}: must be at least 1")
+    codes = getattr(config, "info_codes", 0)
+    if codes and spec.conditional:
+        raise ConfigError(f"--set info_codes={codes}: {spec.name} is conditional; the code is for a model "
+                          f"that draws without a class")
+    if not 0 <= codes <= config.latent_dim or codes == 1:
+        raise ConfigError(f"--set info_codes={codes}: 0 (off) or 2 to latent_dim ({config.latent_dim}); "
+                          f"the code is read from z's first entries")
     return config

@@ -5,6 +5,8 @@ Discriminator: two (or three) stride-2 convolutions with LeakyReLU -> one dense 
 network is the critic: its output is a raw score, with no sigmoid anywhere.
 Conditional when num_classes > 0: the generator reads z next to a float class vector (a one-hot or
 any blend of them); the discriminator reads the class as constant planes beside the image.
+With `info_codes` (InfoGAN's categorical code, Chen et al. 2016; no labels) an unconditional generator reads
+a one-hot code beside z, and the discriminator has a second head that names the code from the image.
 """
 
 from __future__ import annotations
@@ -28,13 +30,27 @@ class GANConfig:
                            # MNIST generator has 1024; 0: none)
     d_layers: int = 2      # discriminator: stride-2 convolutions; 3 adds one to 4x4 with 4x the width (the
                            # WGAN-GP authors' MNIST critic has three)
+    info_codes: int = 0    # InfoGAN's categorical code of this many values (0: none); see `info_code`
+    info_weight: float = 1.0  # lambda of the code's cross-entropy in both networks' losses (InfoGAN's 1)
+
+
+def info_code(z: torch.Tensor, values: int) -> torch.Tensor:
+    """The categorical code a generator draws: the one-hot argmax of z's first `values` entries.
+
+    z's entries are iid N(0, 1), so each value is equally likely, and the code is a function of z: the
+    exported graph keeps its one input, the same z draws the same image, and a truncated z (psi * z)
+    keeps its code. Written as a comparison with the maximum rather than argmax and one_hot, which
+    export to ONNX as ReduceMax, Equal and Cast."""
+    head = z[:, :values]
+    return (head == head.amax(dim=1, keepdim=True)).to(z.dtype)
 
 
 class Generator(nn.Module):
     def __init__(self, config: GANConfig, num_classes: int = 0):
         super().__init__()
         self.latent_dim, self.num_classes = config.latent_dim, num_classes
-        c, width = config.g_channels, config.latent_dim + num_classes
+        self.info_codes = 0 if num_classes else config.info_codes  # a conditional model has its class
+        c, width = config.g_channels, config.latent_dim + num_classes + self.info_codes
         hidden = [nn.Linear(width, config.g_hidden, bias=False), nn.BatchNorm1d(config.g_hidden),
                   nn.LeakyReLU(0.2)] if config.g_hidden else []                 # [N, g_hidden]
         self.project = nn.Sequential(
@@ -52,13 +68,18 @@ class Generator(nn.Module):
             nn.Tanh(),
         )
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Images in [-1, 1], the scale the discriminator sees."""
-        h = z
+    def inputs(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """What the first layer reads: z, then the class vector or the categorical code."""
         if self.num_classes:
             assert y is not None, "a conditional generator needs the class vector y"
-            h = torch.cat([z, y], dim=1)
-        return self.upsample(self.project(h))
+            return torch.cat([z, y], dim=1)
+        if self.info_codes:
+            return torch.cat([z, info_code(z, self.info_codes)], dim=1)
+        return z
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [-1, 1], the scale the discriminator sees."""
+        return self.upsample(self.project(self.inputs(z, y)))
 
     def generate(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The exported interface: intensities in [0, 1] (clamped: float rounding of tanh can land a hair outside)."""
@@ -94,6 +115,7 @@ class Discriminator(nn.Module):
     def __init__(self, config: GANConfig, num_classes: int = 0):
         super().__init__()
         self.num_classes = num_classes
+        self.info_codes = 0 if num_classes else config.info_codes
         c = config.d_channels
         if config.d_layers not in (2, 3):
             raise ValueError(f"d_layers={config.d_layers}: 2 or 3")
@@ -112,15 +134,23 @@ class Discriminator(nn.Module):
             nn.Flatten(),
             nn.Linear((last + len(extra)) * side * side, 1),
         )
+        # InfoGAN's Q: the code's logits from the features the score is read from
+        self.code_head = nn.Linear((last + len(extra)) * side * side, self.info_codes) if self.info_codes else None
         if config.d_spectral:  # each weight divided by its largest singular value: D is 1-Lipschitz per layer
             for layer in self.net:
                 if isinstance(layer, (nn.Conv2d, nn.Linear)):
                     nn.utils.parametrizations.spectral_norm(layer)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """One logit (GAN) or score (WGAN critic) per image: [N]."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                codes: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One logit (GAN) or score (WGAN critic) per image: [N]; with `codes`, also the logits of the
+        categorical code each image was drawn with, [N, info_codes] (one pass for both)."""
         if self.num_classes:
             assert y is not None, "a conditional discriminator needs the class vector y"
             planes = y[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])  # [N, classes, 28, 28]
             x = torch.cat([x, planes], dim=1)
-        return self.net(x).squeeze(1)
+        if not codes:
+            return self.net(x).squeeze(1)
+        assert self.code_head is not None, "codes=True needs a discriminator built with info_codes"
+        features = self.net[:-1](x)
+        return self.net[-1](features).squeeze(1), self.code_head(features)
