@@ -181,17 +181,21 @@ def test_the_categorical_code_is_the_argmax_of_zs_first_entries_each_value_equal
     shares = code.mean(0)
     assert shares.min() > 0.09 and shares.max() < 0.11, shares
     assert torch.equal(info_code(0.5 * z, 10), code)
+    ties = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 2.0]])  # one value each, the first of the largest
+    assert torch.equal(info_code(ties, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
 
 
 def test_a_generator_with_a_code_reads_it_beside_z_and_the_discriminator_names_it():
+    from training.models.gan import info_code
     config = GANConfig(g_channels=8, d_channels=8, latent_dim=8, info_codes=4)
     g, d = Generator(config).eval(), Discriminator(config)
     assert g.project[0].in_features == 8 + 4
     z = torch.randn(6, 8)
-    flipped = z.clone()
-    flipped[:, :4] = -flipped[:, :4]          # another code for most rows, the rest of z the same
-    assert not torch.allclose(g.generate(z), g.generate(flipped))
     images = g.generate(z)
+    assert torch.equal(g.inputs(z)[:, 8:], info_code(z, 4))
+    with torch.no_grad():
+        g.project[0].weight[:, 8:] = 0        # the code's columns silenced: the same z draws other images
+    assert not torch.allclose(g.generate(z), images)
     scores, code_logits = d(images, codes=True)
     assert scores.shape == (6,) and code_logits.shape == (6, 4)
     assert torch.equal(scores, d(images))    # the score is the same with or without the code's head
@@ -206,3 +210,9 @@ def test_a_generator_with_a_code_reads_it_beside_z_and_the_discriminator_names_i
 def test_a_code_a_model_cannot_draw_is_refused_by_name(model, setting, message):
     with pytest.raises(ConfigError, match=rf"--set info_codes={setting}: .*{message}"):
         model_config(MODELS[model], {**TINY[model], "info_codes": setting})
+
+
+@pytest.mark.parametrize("settings", [{"info_weight": "2"}, {"info_codes": "4", "info_weight": "-1"}])
+def test_a_codes_weight_without_a_code_or_below_zero_is_refused_by_name(settings):
+    with pytest.raises(ConfigError, match=r"--set info_weight=.*: a weight of 0 or more, with info_codes set"):
+        model_config(MODELS["gan"], {**TINY["gan"], **settings})

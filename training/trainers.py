@@ -299,9 +299,9 @@ class AdversarialTrainer(Trainer):
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        if self.config.clip:
+        if self.config.clip:  # the score's weights: the code's head is no part of the Lipschitz bound
             with torch.no_grad():
-                for p in D.parameters():
+                for p in D.net.parameters():
                     p.clamp_(-self.config.clip, self.config.clip)
         terms["d_loss"] = d_loss.detach()
 

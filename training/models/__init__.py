@@ -94,4 +94,7 @@ def model_config(spec: ModelSpec, overrides: dict[str, str] | None = None, **typ
     if not 0 <= codes <= config.latent_dim or codes == 1:
         raise ConfigError(f"--set info_codes={codes}: 0 (off) or 2 to latent_dim ({config.latent_dim}); "
                           f"the code is read from z's first entries")
+    if "info_weight" in (overrides or {}) and not (codes and config.info_weight >= 0):
+        raise ConfigError(f"--set info_weight={config.info_weight}: a weight of 0 or more, with info_codes "
+                          f"set (the code's term is otherwise not there to weigh)")
     return config

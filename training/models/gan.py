@@ -39,10 +39,12 @@ def info_code(z: torch.Tensor, values: int) -> torch.Tensor:
 
     z's entries are iid N(0, 1), so each value is equally likely, and the code is a function of z: the
     exported graph keeps its one input, the same z draws the same image, and a truncated z (psi * z)
-    keeps its code. Written as a comparison with the maximum rather than argmax and one_hot, which
-    export to ONNX as ReduceMax, Equal and Cast."""
+    keeps its code. Ties (z = 0, say) go to the first of the largest entries, as argmax's do. Written
+    with the maximum and a running count rather than argmax and one_hot, so that it exports to ONNX as
+    ReduceMax, Equal, CumSum and Cast."""
     head = z[:, :values]
-    return (head == head.amax(dim=1, keepdim=True)).to(z.dtype)
+    leading = (head == head.amax(dim=1, keepdim=True)).to(z.dtype)
+    return leading * (leading.cumsum(dim=1) == 1).to(z.dtype)
 
 
 class Generator(nn.Module):
