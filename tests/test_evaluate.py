@@ -38,6 +38,24 @@ def test_evaluate_source_reports_each_figure_beside_real_digits(judge, digits):
     assert "| confidence (p > 0.9) |" in evaluate.format_table("replay", metrics)
 
 
+def test_a_generator_with_a_code_is_told_what_each_value_draws(judge, digits):
+    """A source that draws a real 0 for code value 0 and a real 1 for value 1: the judge names the
+    value's digit, the table says it, and a source without a code gets no such figures."""
+    rng = np.random.default_rng(0)
+    images, labels = digits.train.images.numpy(), digits.train.labels.numpy()
+    zeros, ones = images[labels == 0], images[labels == 1]
+
+    def draw(z, y):
+        return np.where((z[:, 0] > z[:, 1])[:, None, None, None], zeros[rng.integers(0, len(zeros), len(z))],
+                        ones[rng.integers(0, len(ones), len(z))])
+    metrics = evaluate.evaluate_source(Source("coded", 4, 0, draw, codes=2), judge, n=400)
+    assert metrics["code_digits"][0][0] > 0.9 and metrics["code_digits"][1][1] > 0.9
+    assert metrics["code_purity"] > 0.9 and len(metrics["code_digits"]) == 2
+    table = evaluate.format_table("coded", metrics)
+    assert "| 0 | 0 " in table and "| 1 | 1 " in table and "of the samples are their value's most common digit" in table
+    assert "code_digits" not in evaluate.evaluate_source(Source("plain", 4, 0, draw), judge, n=40)
+
+
 def test_truncation_scales_the_evaluated_noise(judge):
     seen = []
     source = Source("spy", 4, 0, lambda z, y: seen.append(z) or np.zeros((len(z), 1, 28, 28), np.float32))

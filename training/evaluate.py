@@ -18,7 +18,7 @@ import torch
 from training.atomic import write_text_atomic
 from training.data import load_dataset
 from training.evaluator import EVAL_SEED, EvaluationError, Judge
-from training.metrics import CONFIDENT, PR_NEIGHBOURS, class_figures, frechet_distance, precision_recall
+from training.metrics import CONFIDENT, PR_NEIGHBOURS, class_figures, code_figures, frechet_distance, precision_recall
 from training.models.gan import Generator
 from training.models.vae import VAE
 
@@ -32,6 +32,7 @@ class Source:
     latent_dim: int
     num_classes: int  # 0: unconditional
     draw: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    codes: int = 0    # the values of an InfoGAN code it reads from z (a run's generator; a file does not say)
 
 
 def onnx_source(path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Source:
@@ -59,7 +60,7 @@ def torch_source(name: str, net: Generator | VAE, num_classes: int) -> Source:
     @torch.no_grad()
     def draw(z, y):
         return net.generate(torch.from_numpy(z), None if y is None else torch.from_numpy(y)).float().numpy()
-    return Source(name, net.latent_dim, num_classes, draw)
+    return Source(name, net.latent_dim, num_classes, draw, getattr(net, "info_codes", 0))
 
 
 def evaluation_inputs(latent_dim: int, num_classes: int, n: int, seed: int = EVAL_SEED, truncation: float = 1.0):
@@ -77,8 +78,9 @@ def draw_all(source: Source, z: np.ndarray, y: np.ndarray | None, batch: int = 5
     return np.concatenate(parts).astype(np.float32)
 
 
-def score_images(judge: Judge, images, labels=None) -> dict:
-    """The judge's figures for `images` ([N, 1, 28, 28] in [0, 1]), each beside real digits' figure."""
+def score_images(judge: Judge, images, labels=None, codes: tuple[np.ndarray, int] | None = None) -> dict:
+    """The judge's figures for `images` ([N, 1, 28, 28] in [0, 1]), each beside real digits' figure;
+    with `codes` (each image's code value, and how many values there are), what each value draws."""
     feats, probs = judge.predict(images)
     ref_feats, _ = judge.reference_predictions()
     confidence, shares = class_figures(probs, probs.shape[1])
@@ -96,6 +98,8 @@ def score_images(judge: Judge, images, labels=None) -> dict:
     }
     if labels is not None:
         metrics["conditional_accuracy"] = float((probs.argmax(1) == torch.as_tensor(labels)).float().mean())
+    if codes is not None:
+        metrics.update(code_figures(probs, torch.as_tensor(codes[0]), codes[1]))
     real = judge.real_figures(len(feats))
     metrics.update(real)
     metrics["confidence_ratio"] = confidence / real["real_confidence"]
@@ -113,9 +117,12 @@ def evaluate_source(source: Source, judge: Judge, n: int = DEFAULT_SAMPLES, trun
     images = draw_all(source, z, y)
     if not np.isfinite(images).all():
         raise EvaluationError(f"{source.name}: the generator produced non-finite pixels")
-    metrics = score_images(judge, images, labels if source.num_classes else None)
+    codes = (z[:, :source.codes].argmax(1), source.codes) if source.codes else None
+    metrics = score_images(judge, images, labels if source.num_classes else None, codes)
     if truncation != 1.0:
         metrics["truncation"] = truncation
+    if "code_digits" in metrics:
+        metrics["code_digits"] = [[round(share, 4) for share in row] for row in metrics["code_digits"]]
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -165,6 +172,18 @@ def format_table(name: str, metrics: dict) -> str:
         lines.append(f"| {label} | {fmt.format(metrics[key])} | {real} | {ratio} |")
     lines.append(f"| samples | {metrics['samples']} | | |")
     lines.append(f"| evaluator: test accuracy {metrics['evaluator_accuracy']:.4f}, ECE {metrics['evaluator_ece']:.4f} | | | |")
+    if "code_digits" in metrics:
+        lines += ["", code_table(metrics["code_digits"], metrics["code_purity"])]
+    return "\n".join(lines)
+
+
+def code_table(shares: list[list[float]], purity: float) -> str:
+    """What each value of the code draws: its digits of 5% or more, most common first."""
+    lines = ["| code value | digits drawn (the judge's, 5% or more) |", "|---:|---|"]
+    for value, row in enumerate(shares):
+        drawn = sorted(((share, digit) for digit, share in enumerate(row) if share >= 0.05), reverse=True)
+        lines.append(f"| {value} | {', '.join(f'{digit} {share:.0%}' for share, digit in drawn)} |")
+    lines.append(f"| | {purity:.1%} of the samples are their value's most common digit |")
     return "\n".join(lines)
 
 

@@ -33,6 +33,17 @@ def class_figures(probs: torch.Tensor, num_classes: int) -> tuple[float, list[fl
     return float((probs.max(1).values > CONFIDENT).float().mean()), shares
 
 
+def code_figures(probs: torch.Tensor, codes: torch.Tensor, values: int) -> dict:
+    """What each value of an InfoGAN code draws: per value, the share of its samples the judge names as
+    each digit ([values, classes]), and the share of all samples that are their value's most common digit
+    (1: every value draws one digit)."""
+    predicted = probs.argmax(1)
+    counts = torch.zeros(values, probs.shape[1])
+    counts.index_put_((codes, predicted), torch.ones(len(codes)), accumulate=True)
+    return {"code_digits": (counts / counts.sum(1, keepdim=True).clamp(min=1)).tolist(),
+            "code_purity": float(counts.max(1).values.sum() / len(codes))}
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """FID between two feature sets [N, D]: |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa Sb)^(1/2))."""
     fa, fb = a.double().numpy(), b.double().numpy()
