@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import imports_of
@@ -9,6 +11,7 @@ from conftest import imports_of
 from training import evaluate
 from training.evaluate import Source, score_images
 from training.evaluator import EvaluationError
+from training.models.gan import GANConfig, Generator
 
 
 def test_real_digits_score_like_real_digits(judge, digits):
@@ -52,8 +55,11 @@ def test_a_generator_with_a_code_is_told_what_each_value_draws(judge, digits):
     assert metrics["code_digits"][0][0] > 0.9 and metrics["code_digits"][1][1] > 0.9
     assert metrics["code_purity"] > 0.9 and len(metrics["code_digits"]) == 2
     table = evaluate.format_table("coded", metrics)
-    assert "| 0 | 0 " in table and "| 1 | 1 " in table and "of the samples are their value's most common digit" in table
+    assert re.search(r"^\| 0 \| 0 \d+%", table, re.M) and re.search(r"^\| 1 \| 1 \d+%", table, re.M), table
+    assert "of the samples are their value's most common digit" in table
     assert "code_digits" not in evaluate.evaluate_source(Source("plain", 4, 0, draw), judge, n=40)
+    generator = Generator(GANConfig(latent_dim=4, g_channels=8, info_codes=3))
+    assert evaluate.torch_source("g", generator, 0).codes == 3  # a run's generator says how many values
 
 
 def test_truncation_scales_the_evaluated_noise(judge):
@@ -75,3 +81,9 @@ def test_the_evaluation_modules_import_one_way():
     from training import evaluator, metrics
     assert not {"training.evaluator", "training.evaluate"} & imports_of(metrics)
     assert "training.evaluate" not in imports_of(evaluator)
+
+
+def test_the_code_table_lists_each_values_digits_most_common_first_from_five_percent():
+    table = evaluate.code_table([[0.1, 0.02, 0.88], [0.0, 0.0, 0.0]], 0.5)
+    assert "| 0 | 2 88%, 0 10% |" in table and "| 1 | no samples |" in table
+    assert "| | 50.0% of the samples are their value's most common digit |" in table

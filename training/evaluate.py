@@ -19,7 +19,7 @@ from training.atomic import write_text_atomic
 from training.data import load_dataset
 from training.evaluator import EVAL_SEED, EvaluationError, Judge
 from training.metrics import CONFIDENT, PR_NEIGHBOURS, class_figures, code_figures, frechet_distance, precision_recall
-from training.models.gan import Generator
+from training.models.gan import Generator, info_code
 from training.models.vae import VAE
 
 DEFAULT_SAMPLES = 10_000
@@ -117,7 +117,7 @@ def evaluate_source(source: Source, judge: Judge, n: int = DEFAULT_SAMPLES, trun
     images = draw_all(source, z, y)
     if not np.isfinite(images).all():
         raise EvaluationError(f"{source.name}: the generator produced non-finite pixels")
-    codes = (z[:, :source.codes].argmax(1), source.codes) if source.codes else None
+    codes = (info_code(torch.from_numpy(z), source.codes).argmax(1).numpy(), source.codes) if source.codes else None
     metrics = score_images(judge, images, labels if source.num_classes else None, codes)
     if truncation != 1.0:
         metrics["truncation"] = truncation
@@ -182,7 +182,7 @@ def code_table(shares: list[list[float]], purity: float) -> str:
     lines = ["| code value | digits drawn (the judge's, 5% or more) |", "|---:|---|"]
     for value, row in enumerate(shares):
         drawn = sorted(((share, digit) for digit, share in enumerate(row) if share >= 0.05), reverse=True)
-        lines.append(f"| {value} | {', '.join(f'{digit} {share:.0%}' for share, digit in drawn)} |")
+        lines.append(f"| {value} | {', '.join(f'{digit} {share:.0%}' for share, digit in drawn) or 'no samples'} |")
     lines.append(f"| | {purity:.1%} of the samples are their value's most common digit |")
     return "\n".join(lines)
 
