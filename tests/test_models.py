@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from conftest import TINY
@@ -216,3 +218,11 @@ def test_a_code_a_model_cannot_draw_is_refused_by_name(model, setting, message):
 def test_a_codes_weight_without_a_code_or_below_zero_is_refused_by_name(settings):
     with pytest.raises(ConfigError, match=r"--set info_weight=.*: a weight of 0 or more, with info_codes set"):
         model_config(MODELS["gan"], {**TINY["gan"], **settings})
+
+
+@pytest.mark.parametrize("name", ["gan", "cgan", "wgan"])
+def test_every_setting_a_run_records_builds_its_config_again(name):
+    """A run's config.json holds every setting, defaults included, and loading it passes them all back."""
+    config = model_config(MODELS[name], TINY[name])
+    recorded = {key: str(value) for key, value in dataclasses.asdict(config).items()}
+    assert model_config(MODELS[name], recorded) == config
