@@ -263,7 +263,6 @@ class AdversarialTrainer(Trainer):
         train_g = (index + 1) % self.config.n_critic == 0
         z = torch.randn(x.shape[0], G.latent_dim, device=x.device)
         terms = {}
-
         # InfoGAN: the code each fake was drawn with, which D learns to name and G to make nameable
         code = info_code(z, G.info_codes).argmax(dim=1) if G.info_codes else None
 
@@ -299,19 +298,15 @@ class AdversarialTrainer(Trainer):
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        if self.config.clip:  # the score's weights: the code's head is no part of the Lipschitz bound
-            with torch.no_grad():
-                for p in D.net.parameters():
-                    p.clamp_(-self.config.clip, self.config.clip)
+        self.clip_critic(D)
         terms["d_loss"] = d_loss.detach()
 
         # Generator step: the discriminator is frozen, so only the generator moves.
         if train_g:
             with frozen(D), self.autocast:
                 scores, code_logits = self.judge(D, augment(fake, self.config.augment), y, code)
-            g_loss = self.g_loss_fn(scores.float())
-            if code is not None:  # the mutual-information term: draw each code so that D can name it
-                g_loss = g_loss + self.info_weight * F.cross_entropy(code_logits.float(), code)
+            # with a code, the mutual-information term: draw each code so that D can name it
+            g_loss = self.g_loss_fn(scores.float()) + self.code_term(code_logits, code)
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
@@ -319,6 +314,18 @@ class AdversarialTrainer(Trainer):
                 self.ema.update(G)
             terms["g_loss"] = g_loss.detach()
         return terms
+
+    @torch.no_grad()
+    def clip_critic(self, D: nn.Module) -> None:
+        """Weight clipping (`clip`): the score's weights only, as the code's head is no part of the
+        critic's Lipschitz bound."""
+        if self.config.clip:
+            for p in D.get_submodule("net").parameters():
+                p.clamp_(-self.config.clip, self.config.clip)
+
+    def code_term(self, logits: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor | float:
+        """`info_weight` times the cross-entropy of D's logits for the code; 0 without a code."""
+        return 0.0 if code is None else self.info_weight * F.cross_entropy(logits.float(), code)
 
     @staticmethod
     def judge(D: nn.Module, images: torch.Tensor, y: torch.Tensor | None,
