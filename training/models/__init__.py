@@ -94,9 +94,9 @@ def model_config(spec: ModelSpec, overrides: dict[str, str] | None = None, **typ
     if not 0 <= codes <= config.latent_dim or codes == 1:
         raise ConfigError(f"--set info_codes={codes}: 0 (off) or 2 to latent_dim ({config.latent_dim}); "
                           f"the code is read from z's first entries")
-    weight = getattr(config, "info_weight", 1.0)
+    weight = getattr(config, "info_weight", GANConfig.info_weight)
     # a run's config.json records every setting, the default weight of a run without a code included
-    if weight < 0 or (weight != 1.0 and not codes):
+    if weight < 0 or (weight != GANConfig.info_weight and not codes):
         raise ConfigError(f"--set info_weight={weight}: a weight of 0 or more, with info_codes set (the "
                           f"code's term is otherwise not there to weigh)")
     return config
