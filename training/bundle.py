@@ -55,10 +55,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                             "--lr-decay-start", "0.5", "--set", "g_hidden=512", "--set", "d_layers=3",
                             "--set", "info_codes=10"),
            dense_rank=128),
-    # The gan's wider networks (issue 30), factorised at export likewise (99.6% of the variance at rank 128):
-    # FID 6.8x the floor -> 4.6x, precision 0.95x -> 1.05x, accuracy 0.9972 -> 0.9994. Then the R1 penalty
-    # on real digits at a tenth of the gan's weight: the discriminator stops rewarding only the commonest
-    # ways of writing each digit, so recall 0.64x -> 0.75x and FID 4.6x -> 2.3x, accuracy 0.9994 -> 0.9975;
+    # The gan's wider networks (issue 30), factorised at export likewise (99.6-99.7% of the variance at rank
+    # 128): FID 6.8x the floor -> 4.6x, precision 0.95x -> 1.05x, accuracy 0.9972 -> 0.9994, but recall
+    # 0.64x. Then the R1 penalty on real digits at a tenth of the gan's weight: recall 0.64x -> 0.75x and
+    # FID 4.6x -> 2.3x, accuracy 0.9994 -> 0.9975;
     # the gan's weight of 1 gave the same FID at accuracy 0.9945 (exported/README.md: Tuning record).
     Recipe("cgan", "cgan", (*MNIST, "--epochs", "32", "--ema-decay", "0.999", "--r1", "0.1", "--lr-decay-start",
                             "0.5", "--set", "g_hidden=512", "--set", "d_layers=3"),
